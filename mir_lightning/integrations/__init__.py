@@ -1,0 +1,1 @@
+"""Adapters that locate MIR inputs (layers, image tokens, masks) inside third-party models."""

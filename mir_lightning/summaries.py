@@ -1,0 +1,168 @@
+"""Mergeable streaming summaries of a token stream (plain torch, no framework).
+
+The metric keeps, per layer and modality, three summaries from which MIR is exact:
+
+* co-moments ``(n, mean, M2)`` with ``M2 = sum (x - mean)(x - mean)^T``, updated with
+  centred batch products and Chan's merge (one GEMM per batch; float32-safe because
+  nothing is accumulated about the origin), and re-centred about a common mean to merge
+  ranks with one sum;
+* the ``K`` largest- and smallest-norm rows ("tails"): the 3-sigma rule can only pick rows
+  from the two ends of the norm distribution, so as long as a layer has at most ``K``
+  outliers per end, the rows to replace are known exactly;
+* a median sketch per column: the first ``R`` rows exactly, then a fixed-grid histogram
+  (grid set from those rows), from which the lower median is read by interpolation.
+
+All functions act on one layer's tensors (views into the metric's stacked state).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "combined_lower_median",
+    "histogram_add",
+    "histogram_grid",
+    "moments_recentre",
+    "moments_update",
+    "tails_update",
+]
+
+
+def moments_update(count: int, mean: Tensor, m2: Tensor, x: Tensor) -> int:
+    """Fold rows ``x [n, D]`` into ``(count, mean [D], m2 [D, D])`` in place; return the new count.
+
+    Uses the centred batch product ``(x - xbar)^T (x - xbar)`` and Chan et al.'s merge, so
+    the state stays accurate in float32 even when the mean is large against the spread.
+    """
+    n = x.shape[0]
+    if n == 0:
+        return count
+    batch_mean = x.mean(0)
+    centred = x - batch_mean
+    total = count + n
+    delta = batch_mean - mean
+    m2.addmm_(centred.mT, centred)
+    if count > 0:
+        m2.addr_(delta, delta, alpha=count * n / total)
+    mean.add_(delta, alpha=n / total)
+    return total
+
+
+def moments_recentre(count: Tensor | int, mean: Tensor, m2: Tensor, centre: Tensor) -> Tensor:
+    """``sum (x - centre)(x - centre)^T`` from ``(count, mean, m2)`` (a new tensor).
+
+    Sums about one common centre add up exactly across ranks (used for the distributed merge).
+    """
+    delta = mean - centre
+    return torch.addr(m2, delta, delta, alpha=float(count))
+
+
+def tails_update(rows: Tensor, norms: Tensor, x: Tensor, x_norms: Tensor, largest: bool) -> None:
+    """Keep the ``K`` rows of largest (or smallest) norm seen so far, in place.
+
+    Args:
+        rows: ``[K, D]`` kept rows; norms: ``[K]`` their norms (``-inf``/``+inf`` = empty slot).
+        x, x_norms: new rows ``[n, D]`` and their norms ``[n]``.
+    """
+    if x.shape[0] == 0:
+        return
+    k = norms.shape[0]
+    all_norms = torch.cat([norms, x_norms.to(norms.dtype)])
+    top = torch.topk(all_norms, k, largest=largest, sorted=False).indices
+    all_rows = torch.cat([rows, x.to(rows.dtype)])
+    norms.copy_(all_norms[top])
+    rows.copy_(all_rows[top])
+
+
+def histogram_grid(rows: Tensor, bins: int, spread: float = 7.0) -> tuple[Tensor, Tensor]:
+    """A per-column grid ``(lo [D], width [D])`` (float64) for ``bins`` bins from sample rows ``[m, D]``.
+
+    The grid is centred on the sample median and spans ``spread`` times the larger of the
+    distances to the quartiles on each side (about +-4.7 std for a Gaussian column; robust
+    to up to a quarter of massive-activation rows). Bins ``0`` and ``bins - 1`` are
+    open-ended (everything below ``lo`` / at or above ``lo + (bins - 2) * width``).
+    """
+    ordered = rows.to(torch.float64).sort(dim=0).values
+    m = ordered.shape[0]
+    med = ordered[(m - 1) // 2]
+    q_lo = ordered[int(0.25 * (m - 1))]
+    q_hi = ordered[int(round(0.75 * (m - 1)))]
+    half = spread * torch.maximum(q_hi - med, med - q_lo)
+    floor = 1e-6 * med.abs() + 1e-30
+    half = torch.maximum(half, floor)
+    lo = med - half
+    width = 2 * half / (bins - 2)
+    return lo, width
+
+
+def histogram_add(hist: Tensor, lo: Tensor, width: Tensor, x: Tensor) -> None:
+    """Count rows ``x [n, D]`` into ``hist [D, B]`` (per-column grids ``lo``, ``width`` ``[D]``), in place."""
+    d, b = hist.shape
+    idx = torch.floor((x.to(torch.float64) - lo) / width).add_(1).clamp_(0, b - 1).long()
+    idx += torch.arange(d, device=x.device) * b
+    hist += torch.bincount(idx.reshape(-1), minlength=d * b).view(d, b).to(hist.dtype)
+
+
+def _histogram_cdf(cum: Tensor, lo: Tensor, width: Tensor, v: Tensor) -> Tensor:
+    """Histogram mass ``<= v`` per column from cumulative counts ``cum [D, B]``.
+
+    Interior bins spread their mass uniformly; the open-ended bins count as point masses
+    at the grid's ends.
+    """
+    b = cum.shape[1]
+    pos = (v - lo) / width
+    i = torch.floor(pos).clamp(0, b - 3).long() + 1  # interior bin holding v (1..B-2)
+    frac = (pos - (i - 1)).clamp(0.0, 1.0)
+    prev = cum.gather(1, (i - 1)[:, None]).squeeze(1)
+    cur = cum.gather(1, i[:, None]).squeeze(1)
+    mass = prev + frac * (cur - prev)
+    mass = torch.where(v < lo, torch.zeros_like(mass), mass)
+    return torch.where(v >= lo + (b - 2) * width, cum[:, -1], mass)
+
+
+def combined_lower_median(
+    raw: Tensor, histograms: list[tuple[Tensor, Tensor, Tensor]], iterations: int = 80
+) -> tuple[Tensor, bool]:
+    """Lower median per column of the union of exact rows and histograms.
+
+    Args:
+        raw: exact rows ``[m, D]``.
+        histograms: ``(counts [D, B], lo [D], width [D])`` triples.
+
+    Returns:
+        ``(median [D] float64, exact)``. With no histogram this is exactly
+        ``torch.median(raw, 0)``; otherwise the value where the merged CDF (histogram mass
+        spread uniformly within bins) reaches the lower-median rank, found by bisection.
+        ``exact`` is False when a histogram was used.
+    """
+    raw = raw.to(torch.float64)
+    if not histograms:
+        return raw.median(dim=0).values, True
+    d = raw.shape[1] if raw.numel() else histograms[0][0].shape[0]
+    cums = [(h.to(torch.float64).cumsum(1), lo, w) for h, lo, w in histograms]
+    total = raw.shape[0] + sum(float(c[:, -1].max()) if c.numel() else 0.0 for c, _, _ in cums)
+    target = float((int(round(total)) - 1) // 2 + 1)
+    lows = [lo for _, lo, _ in cums]
+    highs = [lo + (c.shape[1] - 2) * w for c, lo, w in cums]
+    if raw.shape[0]:
+        lows.append(raw.min(0).values)
+        highs.append(raw.max(0).values)
+    a = torch.stack(lows).min(0).values - 1e-12
+    b = torch.stack(highs).max(0).values + 1e-12
+    a = a.to(torch.float64).reshape(d)
+    b = b.to(torch.float64).reshape(d)
+
+    def cdf(v: Tensor) -> Tensor:
+        mass = (raw <= v).sum(0).to(torch.float64) if raw.shape[0] else torch.zeros_like(v)
+        for cum, lo, w in cums:
+            mass = mass + _histogram_cdf(cum, lo, w, v)
+        return mass
+
+    for _ in range(iterations):
+        mid = 0.5 * (a + b)
+        reached = cdf(mid) >= target - 1e-9
+        b = torch.where(reached, mid, b)
+        a = torch.where(reached, a, mid)
+    return b, False
