@@ -1,0 +1,365 @@
+"""Tests of ``mir-lightning evaluate`` against an independent float64 numpy/scipy MIR.
+
+Tiny random models of several families are saved with ``save_pretrained`` next to a
+processor built offline (character-level tokenizer, PIL image processors at 32 px). The
+reference below re-runs the model on the same prompts and recomputes the official
+algorithm from ``output_hidden_states`` with numpy / ``scipy.linalg.sqrtm``.
+
+Sample counts are chosen so that every layer has more vision and text tokens than the
+hidden width (full-rank covariances) and at most 512 tokens per modality (the metric's
+exact median buffer), so the comparison holds to 1e-6 relative.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("PIL")
+scipy_linalg = pytest.importorskip("scipy.linalg")
+
+from PIL import Image  # noqa: E402
+
+from mir_lightning.cli import main, parse_layers, UserError  # noqa: E402
+from mir_lightning.probe_data import probe_image_array  # noqa: E402
+
+from vlm_factory import (  # noqa: E402
+    IMAGE_TOKEN_ID,
+    make_tiny_tokenizer,
+    save_tiny_vlm,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+N_IMAGES = 24
+SHORT_TEXTS = [
+    "red kite.", "a cold sea.", "the old mill", "rain at dusk", "green hills",
+    "salt & wind", "two owls", "bread, milk", "a long road", "ice on glass",
+    "the clock", "dry leaves", "blue door", "warm soup", "a paper boat",
+    "tall grass", "city lights", "quiet lake", "small stones", "open sky",
+    "late train", "new snow", "soft moss", "wild bees",
+]
+# family -> (samples, batch size, chat template?)
+CASES = {
+    "llava": (20, 6, True),
+    "llava_next": (12, 5, True),
+    "idefics3": (20, 8, True),
+    "paligemma": (20, 7, False),
+    "gemma3": (20, 8, True),
+}
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mir_data")
+    images = root / "images"
+    images.mkdir()
+    for i in range(N_IMAGES):
+        Image.fromarray(probe_image_array(i, size=40 + 4 * (i % 3))).save(images / f"img_{i:03d}.png")
+    (root / "texts.txt").write_text("\n".join(SHORT_TEXTS) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("mir_models")
+    out = {}
+    for family, (_, _, chat) in CASES.items():
+        out[family] = save_tiny_vlm(family, root / family, chat_template=chat)
+    return out
+
+
+# ----------------------------------------------------------------------------- reference
+def _lower_median(x: np.ndarray) -> np.ndarray:
+    """torch.median semantics along axis 0: the lower middle value for an even count."""
+    return np.sort(x, axis=0)[(x.shape[0] - 1) // 2]
+
+
+def _replace_outliers(x: np.ndarray, sigma: float = 3.0) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1)
+    bad = np.abs(norms - _lower_median(norms)) > sigma * norms.std(ddof=1)
+    x = x.copy()
+    x[bad] = _lower_median(x)
+    return x
+
+
+def reference_fd(vision: np.ndarray, text: np.ndarray, sqrt_mode: str = "exact") -> float:
+    """The official per-layer FD in float64 (text-centric scale, 3-sigma rule, sqrtm)."""
+    scale = 1.0 / np.linalg.norm(text, axis=1).mean()
+    v = _replace_outliers(vision * scale)
+    t = _replace_outliers(text * scale)
+    mu_v, mu_t = v.mean(0), t.mean(0)
+    s_v, s_t = np.cov(v, rowvar=False, ddof=1), np.cov(t, rowvar=False, ddof=1)
+    if sqrt_mode == "exact":
+        cross = np.trace(scipy_linalg.sqrtm(s_v @ s_t).real)
+    else:  # the official "fast" iteration returns its input: tr(S_V S_T)
+        cross = np.trace(s_v @ s_t)
+    return float(((mu_v - mu_t) ** 2).sum() + np.trace(s_v) + np.trace(s_t) - 2 * cross)
+
+
+def reference_run(
+    model_dir: Path, data_dir: Path, n: int, batch_size: int, text_mode: str = "after_image",
+    sqrt_mode: str = "exact",
+) -> tuple[float, list[float]]:
+    """Independent MIR: same prompts and batches as the command, float64 numpy statistics."""
+    processor = transformers.AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True).eval()
+    image_token = model.config.image_token_id
+    paths = sorted((data_dir / "images").glob("*.png"))[:n]
+    texts = SHORT_TEXTS[:n]
+    vis_rows: list[list[np.ndarray]] = []
+    txt_rows: list[list[np.ndarray]] = []
+    for start in range(0, n, batch_size):
+        idx = range(start, min(n, start + batch_size))
+        images = [[Image.open(paths[i]).convert("RGB")] for i in idx]
+        if processor.chat_template:
+            prompts = [
+                processor.apply_chat_template(
+                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": texts[i]}]}],
+                    add_generation_prompt=True, tokenize=False,
+                )
+                for i in idx
+            ]
+        else:
+            prompts = [processor.image_token + texts[i] for i in idx]
+        enc = dict(processor(images=images, text=prompts, padding=True, return_tensors="pt"))
+        enc.pop("labels", None)
+        with torch.no_grad():
+            hidden = model(**enc, output_hidden_states=True).hidden_states[1:]
+        ids = enc["input_ids"].numpy()
+        att = enc["attention_mask"].numpy().astype(bool)
+        is_img = ids == image_token
+        vmask = is_img & att
+        tmask = att & ~is_img
+        if text_mode == "after_image":
+            tmask &= np.cumsum(vmask, axis=1) > 0
+        if not vis_rows:
+            vis_rows = [[] for _ in hidden]
+            txt_rows = [[] for _ in hidden]
+        for k, h in enumerate(hidden):
+            arr = h.double().numpy()
+            vis_rows[k].append(arr[vmask])
+            txt_rows[k].append(arr[tmask])
+    fds = [reference_fd(np.concatenate(v), np.concatenate(t), sqrt_mode) for v, t in zip(vis_rows, txt_rows)]
+    return float(np.log10(sum(fds))), fds
+
+
+def _run(argv: list[str]) -> tuple[int, dict | None]:
+    rc = main(argv)
+    out = None
+    if "--out" in argv:
+        path = Path(argv[argv.index("--out") + 1])
+        out = json.loads(path.read_text()) if path.exists() else None
+    return rc, out
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("family", list(CASES))
+def test_cli_matches_float64_reference(family, model_dirs, data_dir, tmp_path):
+    n, batch, _ = CASES[family]
+    out = tmp_path / "result.json"
+    rc, result = _run([
+        "evaluate", str(model_dirs[family]), "--images", str(data_dir / "images"),
+        "--texts", str(data_dir / "texts.txt"), "--num-samples", str(n), "--batch-size", str(batch),
+        "--device", "cpu", "--out", str(out), "--no-progress",
+    ])
+    assert rc == 0
+    ref_mir, ref_fd = reference_run(model_dirs[family], data_dir, n, batch)
+    assert result["mir"] == pytest.approx(ref_mir, rel=1e-6)
+    assert result["per_layer"]["fd"] == pytest.approx(ref_fd, rel=1e-6)
+    hidden = 64
+    assert result["counts"]["vision_tokens"] > hidden and result["counts"]["text_tokens"] > hidden
+    assert result["counts"]["vision_tokens"] <= 512 and result["counts"]["text_tokens"] <= 512
+    assert result["counts"]["samples"] == n
+    assert result["counts"]["skipped_images"] == 0
+    assert result["settings"]["image_token_id"] == IMAGE_TOKEN_ID
+    for key in ("fd", "mean_term", "trace_vision", "trace_text", "cross_term", "norm_ratio",
+                "n_vision", "n_text", "outliers_vision", "outliers_text"):
+        assert len(result["per_layer"][key]) == len(result["layers"]) == 3
+
+
+def test_cli_options_layers_text_all_fast(model_dirs, data_dir, tmp_path):
+    model_dir = model_dirs["llava"]
+    n, batch = 16, 8
+    common = ["evaluate", str(model_dir), "--images", str(data_dir / "images"), "--texts",
+              str(data_dir / "texts.txt"), "--batch-size", str(batch), "--no-progress"]
+    # 6 samples: with the system prompt counted as text, still <= 512 text tokens (exact median)
+    rc, res = _run([*common, "--num-samples", "6", "--text-tokens", "all", "--layers", "::2", "--out", str(tmp_path / "a.json"),
+                    "--plot", str(tmp_path / "plot.png")])
+    assert rc == 0
+    assert res["layers"] == [0, 2]
+    _, ref_fd = reference_run(model_dir, data_dir, 6, batch, text_mode="all")
+    assert res["per_layer"]["fd"] == pytest.approx([ref_fd[0], ref_fd[2]], rel=1e-6)
+    assert res["mir"] == pytest.approx(np.log10(ref_fd[0] + ref_fd[2]), rel=1e-6)
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+
+    rc, res = _run([*common, "--num-samples", str(n), "--sqrt-mode", "official_fast", "--layers", "-1", "--out", str(tmp_path / "b.json")])
+    assert rc == 0
+    assert res["layers"] == [2]
+    _, ref_fast = reference_run(model_dir, data_dir, n, batch, sqrt_mode="official_fast")
+    assert res["per_layer"]["fd"] == pytest.approx([ref_fast[2]], rel=1e-6)
+
+
+def test_cli_builtin_probe_set(model_dirs, tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    rc, res = _run(["evaluate", str(model_dirs["llava"]), "--num-samples", "3", "--batch-size", "2",
+                    "--out", str(out), "--no-progress"])
+    assert rc == 0
+    assert np.isfinite(res["mir"])
+    assert res["settings"]["images"].startswith("built-in")
+    printed = capsys.readouterr().out
+    assert "MIR:" in printed and "|V|/|T|" in printed and "outV" in printed
+
+
+def test_cli_subprocess(model_dirs, data_dir, tmp_path):
+    out = tmp_path / "sub.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "mir_lightning.cli", "evaluate", str(model_dirs["idefics3"]), "--images",
+         str(data_dir / "images"), "--texts", str(data_dir / "texts.txt"), "--num-samples", "20",
+         "--batch-size", "8", "--device", "cpu", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "MIR:" in proc.stdout
+    ref_mir, _ = reference_run(model_dirs["idefics3"], data_dir, 20, 8)
+    assert json.loads(out.read_text())["mir"] == pytest.approx(ref_mir, rel=1e-6)
+
+    # A user error: exit code 2, one message, no traceback.
+    proc = subprocess.run(
+        [sys.executable, "-m", "mir_lightning.cli", "evaluate", str(tmp_path / "nope")],
+        capture_output=True, text=True, env=env, timeout=240,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "not a folder" in proc.stderr
+
+
+def test_cli_torchrun_two_ranks_equals_one(model_dirs, data_dir, tmp_path):
+    out1, out2 = tmp_path / "one.json", tmp_path / "two.json"
+    args = ["evaluate", str(model_dirs["llava"]), "--images", str(data_dir / "images"), "--texts",
+            str(data_dir / "texts.txt"), "--num-samples", "11", "--batch-size", "3", "--device", "cpu",
+            "--no-progress"]
+    rc, single = _run([*args, "--out", str(out1)])
+    assert rc == 0
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "mir_lightning.cli", *args, "--out", str(out2)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("MIR:") == 1  # only rank 0 prints
+    two = json.loads(out2.read_text())
+    assert two["settings"]["world_size"] == 2
+    assert two["counts"]["vision_tokens"] == single["counts"]["vision_tokens"]
+    assert two["counts"]["text_tokens"] == single["counts"]["text_tokens"]
+    assert two["mir"] == pytest.approx(single["mir"], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_corrupt_and_missing_images_are_skipped(model_dirs, data_dir, tmp_path, capsys):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(4):
+        shutil.copy(data_dir / "images" / f"img_{i:03d}.png", images / f"ok_{i}.png")
+    (images / "bad_0.png").write_bytes(b"this is not a png")
+    listing = tmp_path / "list.txt"
+    listing.write_text("imgs/ok_0.png\nimgs/missing.png\nimgs/bad_0.png\nimgs/ok_1.png\nimgs/ok_2.png\n")
+    rc, res = _run(["evaluate", str(model_dirs["llava"]), "--images", str(listing), "--num-samples", "3",
+                    "--batch-size", "3", "--out", str(tmp_path / "r.json"), "--no-progress"])
+    assert rc == 0
+    assert res["counts"]["skipped_images"] == 2
+    err = capsys.readouterr().err
+    assert "missing.png" in err and "bad_0.png" in err
+
+    # the folder form: 4 good + 1 corrupt, asking for 5 -> clear error with the count
+    rc = main(["evaluate", str(model_dirs["llava"]), "--images", str(images), "--num-samples", "5", "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "only 4 readable images exist" in err and "Traceback" not in err
+
+
+def test_bad_text_inputs(model_dirs, data_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n")
+    rc = main(["evaluate", str(model_dirs["llava"]), "--texts", str(empty), "--num-samples", "2"])
+    assert rc == 2
+    assert "is empty" in capsys.readouterr().err
+
+    rc = main(["evaluate", str(model_dirs["llava"]), "--texts", str(data_dir / "texts.txt"),
+               "--images", str(data_dir / "images"), "--num-samples", "30"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"only {len(SHORT_TEXTS)} texts exist" in err
+
+    rc = main(["evaluate", str(model_dirs["llava"]), "--num-samples", "100000"])
+    assert rc == 2
+    assert "built-in probe set has" in capsys.readouterr().err
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("first text")
+    (folder / "b.txt").write_text("")
+    (folder / "c.txt").write_text("second\ntext")
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"text": "one"}\n{"text": "two"}\n')
+    for source in (folder, jsonl):
+        rc, res = _run(["evaluate", str(model_dirs["llava"]), "--texts", str(source), "--num-samples", "2",
+                        "--out", str(tmp_path / "t.json"), "--no-progress"])
+        assert rc == 0 and np.isfinite(res["mir"])
+
+
+def test_model_errors(tmp_path, capsys):
+    tok = make_tiny_tokenizer("llava")
+    # a text-only model: no image token
+    lm_dir = tmp_path / "lm"
+    transformers.LlamaConfig(vocab_size=128, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=32).save_pretrained(lm_dir)
+    tok.save_pretrained(lm_dir)
+    rc = main(["evaluate", str(lm_dir), "--num-samples", "2"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "no image token" in err and "image_token_id" in err and "Traceback" not in err
+
+    # an image token in the config but an architecture the command cannot run
+    odd_dir = tmp_path / "odd"
+    transformers.LlamaConfig(vocab_size=128, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=32, image_token_id=100,
+                             architectures=["LlamaForCausalLM"]).save_pretrained(odd_dir)
+    rc = main(["evaluate", str(odd_dir), "--num-samples", "2"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "unsupported architecture" in err and "MIRCallback(layers=" in err
+
+    rc = main(["evaluate", str(tmp_path / "does_not_exist")])
+    assert rc == 2
+    (tmp_path / "noconfig").mkdir()
+    rc = main(["evaluate", str(tmp_path / "noconfig")])
+    assert rc == 2
+    assert "config.json" in capsys.readouterr().err
+
+    assert main([]) == 2
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", str(lm_dir), "--dtype", "float8"])
+    assert info.value.code == 2
+
+
+def test_parse_layers():
+    assert parse_layers(None, 4) == [0, 1, 2, 3]
+    assert parse_layers("::2", 5) == [0, 2, 4]
+    assert parse_layers("0,1,3", 4) == [0, 1, 3]
+    assert parse_layers("-1", 4) == [3]
+    assert parse_layers("1:3,-1", 6) == [1, 2, 5]
+    for bad in ("x", "9", "1:2:3:4", "5:"):
+        with pytest.raises(UserError, match="--layers"):
+            parse_layers(bad, 4)
