@@ -34,6 +34,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -255,7 +256,7 @@ def load_llm(tiny: bool, vocab_size: int | None = None):
     if tiny:
         cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=0, pad_token_id=0)
+                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=0, pad_token_id=0, initializer_range=0.2)
         return LlamaForCausalLM(cfg).eval(), TinyTokenizer()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -503,10 +504,35 @@ def import_mir():
     return MIRCallback, MIREarlyStopping, find_hidden_state_modules
 
 
+def merge_mir_history(rows, mir_cb):
+    """Add MIR's drivers (from MIRCallback.history) to the per-validation rows."""
+    if mir_cb is None:
+        return rows
+    by_step = {h["step"]: h for h in getattr(mir_cb, "history", [])}
+    for r in rows:
+        # MIRCallback records Lightning's logging step, which is global_step - 1 for validations inside fit
+        h = by_step.get(r["step"] - 1) if r["step"] > 0 else None
+        h = h or by_step.get(r["step"])
+        if not h or "fd" not in h:
+            continue
+        fd = torch.tensor(h["fd"], dtype=torch.float64)
+        r["mir"] = float(h["mir"])
+        r["mean_share"] = float(torch.tensor(h["mean_term"], dtype=torch.float64).sum() / fd.sum())
+        r["norm_ratio_median"] = float(torch.tensor(h["norm_ratio"], dtype=torch.float64).median())
+        r["outliers_vision"] = int(sum(h["outliers_vision"]))
+        r["fd_per_layer"] = h["fd"]
+        r["norm_ratio_per_layer"] = h["norm_ratio"]
+    return rows
+
+
 def print_summary(rows, log_dir):
-    print("\nSummary (held-out probe):")
+    print("\nSummary (held-out probe; img_norm = mean projector output norm, v/t_norm = median over layers of "
+          "vision/text token norm ratio, mean% = share of the FD sum in the mean term, outl_v = vision tokens "
+          "replaced by the 3-sigma rule, all layers):")
     cols = [("step", "step", "{:d}"), ("mir", "MIR", "{:.3f}"), ("val/caption_loss", "caption_loss", "{:.3f}"),
-            ("val/digit_acc", "digit_acc", "{:.2f}"), ("val/image_token_norm", "img_norm", "{:.1f}")]
+            ("val/digit_acc", "digit_acc", "{:.2f}"), ("val/image_token_norm", "img_norm", "{:.1f}"),
+            ("norm_ratio_median", "v/t_norm", "{:.2f}"), ("mean_share", "mean%", "{:.0%}"),
+            ("outliers_vision", "outl_v", "{:d}")]
     print("  ".join(f"{h:>12}" for _, h, _ in cols))
     for r in rows:
         print("  ".join(f"{(fmt.format(r[k]) if k in r else '-'):>12}" for k, _, fmt in cols))
@@ -523,6 +549,8 @@ def main(argv=None):
     from lightning.pytorch.loggers import TensorBoardLogger
 
     L.seed_everything(args.seed, verbose=False)
+    # the frozen LLM is kept in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
     mir_cls = None
     if not args.no_mir:
@@ -569,15 +597,24 @@ def main(argv=None):
     model = Module(llm, feature_dim=feats.shape[2], prefix_ids=layout.prefix, digit_token_ids=layout.digit_token_ids,
                    lr=args.lr, weight_decay=args.weight_decay, use_kv_cache=not args.no_kv_cache)
 
-    logger = TensorBoardLogger(args.log_dir, name=args.name, default_hp_metric=False)
+    version = None  # a resumed run keeps logging into the run it came from (runs/<name>/version_N/checkpoints/x.ckpt)
+    if args.resume:
+        ck = Path(args.resume).resolve()
+        if ck.parent.name == "checkpoints" and ck.parent.parent.name.startswith("version_") \
+                and ck.parents[2] == (Path(args.log_dir) / args.name).resolve():
+            version = ck.parent.parent.name
+    logger = TensorBoardLogger(args.log_dir, name=args.name, version=version, default_hp_metric=False)
     history = build_history_callback()
     ckpt_cb = ModelCheckpoint(dirpath=os.path.join(logger.log_dir, "checkpoints"), save_last=True, save_top_k=0,
                               every_n_train_steps=args.val_every)
     callbacks = [history, ckpt_cb]
+    mir_cb = None
     if mir_cls is not None:
         MIRCallback, MIREarlyStopping, find_hidden_state_modules = mir_cls
-        callbacks.insert(0, MIRCallback(layers=lambda pl_module: find_hidden_state_modules(pl_module.llm),
-                                        probe_dataloader=None, name="mir"))
+        # MIR on the validation batches (= the fixed held-out probe); masks come from batch["vision_mask"/"text_mask"]
+        mir_cb = MIRCallback(layers=lambda pl_module: find_hidden_state_modules(pl_module.llm),
+                             probe_dataloader=None, name="mir")
+        callbacks.insert(0, mir_cb)
         if args.early_stop:
             callbacks.append(MIREarlyStopping(monitor="mir", patience=args.es_patience, min_delta=args.es_min_delta))
     elif args.early_stop:
@@ -596,11 +633,12 @@ def main(argv=None):
     trainer.fit(model, train_dl, val_dl, ckpt_path=args.resume)
     t_end = time.time()
 
-    print_summary(history.rows, args.log_dir)
+    rows = merge_mir_history(history.rows, mir_cb)
+    print_summary(rows, args.log_dir)
     print(f"Checkpoints (projector only): {ckpt_cb.dirpath}")
     print(f"Wall time: {t_end - t_start:.1f}s total, {t_end - t_train:.1f}s training + validation")
     if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps({"rows": history.rows, "wall_s": t_end - t_start,
+        Path(args.summary_json).write_text(json.dumps({"rows": rows, "wall_s": t_end - t_start,
                                                        "log_dir": logger.log_dir}, indent=1))
     return history.rows
 

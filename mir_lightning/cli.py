@@ -35,7 +35,7 @@ STAT_COLUMNS = (
     ("mean_term", "mean", "{:.4g}"),
     ("trace_vision", "trV", "{:.4g}"),
     ("trace_text", "trT", "{:.4g}"),
-    ("cross_term", "2tr√", "{:.4g}"),
+    ("cross_term", "cross", "{:.4g}"),
     ("norm_ratio", "|V|/|T|", "{:.3g}"),
     ("n_vision", "nV", "{:.0f}"),
     ("n_text", "nT", "{:.0f}"),
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--layers",
         default=None,
         help="decoder layers to use, 0-based indices into hidden_states[1:]: '0,1,5', '::2', '4:12', "
-        "'-1' (default: all)",
+        "'-1'; write negative lists as --layers=-2,-1 (default: all)",
     )
     ev.add_argument(
         "--text-tokens",
@@ -298,6 +298,12 @@ def collect_samples(images: str | None, texts: str | None, n: int, rank: int = 0
 
     if n < 1:
         raise UserError(f"--num-samples must be at least 1, got {n}")
+    try:
+        import PIL  # noqa: F401
+    except ImportError as exc:
+        raise UserError("mir-lightning evaluate needs Pillow to read images: pip install pillow") from exc
+    if n < 20:
+        _warn(f"{n} samples: the paper reports MIR stable from about 20 samples on", rank)
     if (images is None or texts is None) and n > probe_data.MAX_SAMPLES:
         raise UserError(
             f"--num-samples {n} asks for {n} samples but the built-in probe set has "
@@ -317,6 +323,15 @@ def collect_samples(images: str | None, texts: str | None, n: int, rank: int = 0
 
 
 # --------------------------------------------------------------------------- model
+def check_model_dir(model_dir: str) -> None:
+    """Raise :class:`UserError` unless ``model_dir`` is a folder with a ``config.json``."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise UserError(f"MODEL_DIR {model_dir} is not a folder")
+    if not (path / "config.json").is_file():
+        raise UserError(f"MODEL_DIR {model_dir} has no config.json; save the model with save_pretrained()")
+
+
 def load_model_and_processor(model_dir: str, dtype: Any, device: Any) -> tuple[Any, Any, int]:
     """Load processor and model from a local folder (``local_files_only=True``).
 
@@ -330,11 +345,7 @@ def load_model_and_processor(model_dir: str, dtype: Any, device: Any) -> tuple[A
 
     from mir_lightning.integrations.transformers import find_image_token_id
 
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise UserError(f"MODEL_DIR {model_dir} is not a folder")
-    if not (path / "config.json").is_file():
-        raise UserError(f"MODEL_DIR {model_dir} has no config.json; save the model with save_pretrained()")
+    check_model_dir(model_dir)
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:  # noqa: BLE001
@@ -525,6 +536,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from mir_lightning.integrations.transformers import build_masks
     from mir_lightning.metric import ModalityIntegrationRate
 
+    check_model_dir(args.model_dir)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.outlier_sigma is not None and not args.outlier_sigma > 0:
@@ -535,8 +547,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         dtype = getattr(torch, args.dtype)
         model, processor, image_token_id = load_model_and_processor(args.model_dir, dtype, device)
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        num_layers = int(text_config.num_hidden_layers)
-        hidden_size = int(text_config.hidden_size)
+        try:
+            num_layers = int(text_config.num_hidden_layers)
+            hidden_size = int(text_config.hidden_size)
+        except (AttributeError, TypeError) as exc:
+            raise UserError(
+                f"unsupported architecture {type(model).__name__}: its text config has no "
+                "num_hidden_layers / hidden_size"
+            ) from exc
         layers = parse_layers(args.layers, num_layers)
 
         mine = list(range(rank, len(samples.texts), world))  # each sample on exactly one rank
@@ -654,6 +672,11 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
     if counts["skipped_images"]:
         print(f"skipped images: {counts['skipped_images']}")
     print(format_table(result["layers"], result["per_layer"]))
+    print(
+        "FD = mean + trV + trT - cross (mean = ||mu_V - mu_T||^2, cross = 2 tr((S_V S_T)^1/2), all after "
+        "text-centric scaling); |V|/|T| = mean vision / mean text token norm; nV, nT = tokens; "
+        "outV, outT = rows replaced by the outlier rule"
+    )
     fd = [v for v in result["per_layer"].get("fd", []) if math.isfinite(v)]
     mean = [v for v in result["per_layer"].get("mean_term", []) if math.isfinite(v)]
     if fd and sum(fd) > 0 and mean:

@@ -220,50 +220,47 @@ def test_cli_builtin_probe_set(model_dirs, tmp_path, capsys):
     assert "MIR:" in printed and "|V|/|T|" in printed and "outV" in printed
 
 
-def test_cli_subprocess(model_dirs, data_dir, tmp_path):
-    out = tmp_path / "sub.json"
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, "-m", "mir_lightning.cli", "evaluate", str(model_dirs["idefics3"]), "--images",
-         str(data_dir / "images"), "--texts", str(data_dir / "texts.txt"), "--num-samples", "20",
-         "--batch-size", "8", "--device", "cpu", "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "MIR:" in proc.stdout
-    ref_mir, _ = reference_run(model_dirs["idefics3"], data_dir, 20, 8)
-    assert json.loads(out.read_text())["mir"] == pytest.approx(ref_mir, rel=1e-6)
-
-    # A user error: exit code 2, one message, no traceback.
-    proc = subprocess.run(
-        [sys.executable, "-m", "mir_lightning.cli", "evaluate", str(tmp_path / "nope")],
-        capture_output=True, text=True, env=env, timeout=240,
-    )
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr and "not a folder" in proc.stderr
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                OMP_NUM_THREADS="1")
 
 
-def test_cli_torchrun_two_ranks_equals_one(model_dirs, data_dir, tmp_path):
+def test_cli_torchrun_two_ranks_equals_one_and_reference(model_dirs, data_dir, tmp_path):
+    """The command as a subprocess, under torchrun with 2 ranks (gloo): same MIR as 1 process."""
     out1, out2 = tmp_path / "one.json", tmp_path / "two.json"
+    n, batch = 11, 3
     args = ["evaluate", str(model_dirs["llava"]), "--images", str(data_dir / "images"), "--texts",
-            str(data_dir / "texts.txt"), "--num-samples", "11", "--batch-size", "3", "--device", "cpu",
+            str(data_dir / "texts.txt"), "--num-samples", str(n), "--batch-size", str(batch), "--device", "cpu",
             "--no-progress"]
     rc, single = _run([*args, "--out", str(out1)])
     assert rc == 0
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "mir_lightning.cli", *args, "--out", str(out2)],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True, text=True, env=_env(), timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("MIR:") == 1  # only rank 0 prints
     two = json.loads(out2.read_text())
     assert two["settings"]["world_size"] == 2
-    assert two["counts"]["vision_tokens"] == single["counts"]["vision_tokens"]
+    assert two["counts"]["samples"] == n
+    assert two["counts"]["vision_tokens"] == single["counts"]["vision_tokens"] == 16 * n
     assert two["counts"]["text_tokens"] == single["counts"]["text_tokens"]
-    assert two["mir"] == pytest.approx(single["mir"], rel=1e-6)
+    assert two["mir"] == pytest.approx(single["mir"], rel=1e-9)
+    assert two["per_layer"]["fd"] == pytest.approx(single["per_layer"]["fd"], rel=1e-9)
+    ref_mir, _ = reference_run(model_dirs["llava"], data_dir, n, batch)
+    assert single["mir"] == pytest.approx(ref_mir, rel=1e-6)
+
+
+def test_cli_subprocess_user_error(tmp_path):
+    """A user error from the real command line: exit code 2, one message, no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mir_lightning.cli", "evaluate", str(tmp_path / "nope")],
+        capture_output=True, text=True, env=_env(), timeout=240,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "mir-lightning: error:" in proc.stderr and "not a folder" in proc.stderr
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -263,3 +263,12 @@ def test_image_token_from_processor_like_object():
         image_token_id = 42
 
     assert find_image_token_id(FakeProcessor()) == 42
+
+
+def test_image_token_from_gemma3_processor_is_the_soft_token():
+    from vlm_factory import make_tiny_processor
+
+    processor = make_tiny_processor("gemma3")
+    # Gemma3Processor.image_token_id is the <start_of_image> id; the features sit elsewhere.
+    assert find_image_token_id(processor) == IMAGE_TOKEN_ID
+    assert find_image_token_id(make_tiny_processor("llava")) == IMAGE_TOKEN_ID

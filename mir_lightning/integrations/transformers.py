@@ -7,6 +7,13 @@ finds the modules whose forward outputs reproduce exactly those tensors, so that
 forward hook can collect them without ``output_hidden_states=True``, and builds the
 vision / text token masks from ``input_ids``.
 
+Text tokens ("after_image", the official convention) are all attended non-image tokens
+after the first image token of a row. With layouts that put structural tokens around or
+between image tokens (Qwen2-VL ``<|vision_end|>``, Idefics3/SmolVLM
+``<fake_token_around_image>`` and, with image splitting, row/column markers, Gemma 3
+``<end_of_image>``), those count as text, like any non-image token after the first image
+token. LLaVA-NeXT's image-newline features sit at image-token positions and count as vision.
+
 Verified numerically (tests/test_integration_transformers.py) on tiny random models of
 LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM, PaliGemma and Gemma 3, and on
 bare causal LMs (Llama).
@@ -222,6 +229,21 @@ def _image_token_from_config(config: Any) -> int | None:
     return None
 
 
+def _image_token_from_tokenizer(tokenizer: Any) -> int | None:
+    """Id of ``tokenizer.image_token`` when the tokenizer names one and knows it, else ``None``."""
+    name = getattr(tokenizer, "image_token", None) if tokenizer is not None else None
+    if not isinstance(name, str) or not hasattr(tokenizer, "convert_tokens_to_ids"):
+        return None
+    try:
+        token = tokenizer.convert_tokens_to_ids(name)
+    except Exception:  # noqa: BLE001
+        return None
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if isinstance(token, int) and token >= 0 and token != unk:
+        return token
+    return None
+
+
 def find_image_token_id(model_or_config: Any) -> int:
     """Return the id of the image placeholder token (the positions that hold image features).
 
@@ -240,6 +262,9 @@ def find_image_token_id(model_or_config: Any) -> int:
             pass
     candidates = [getattr(obj, "config", None)]
     if not isinstance(obj, nn.Module):
+        token = _image_token_from_tokenizer(getattr(obj, "tokenizer", None))
+        if token is not None:  # a processor: its tokenizer's image token (Gemma 3's processor
+            return token  # exposes the <start_of_image> id as ``image_token_id``)
         candidates.append(obj)  # a config, or a processor with ``image_token_id``
     for cand in candidates:
         token = _image_token_from_config(cand)

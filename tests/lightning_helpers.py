@@ -1,0 +1,99 @@
+"""A tiny LLaVA LightningModule, data and an independent reference for callback tests."""
+
+from __future__ import annotations
+
+import glob
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from reference import reference_mir
+from vlm_factory import IMAGE_TOKEN_ID, make_tiny_vlm
+
+
+class TinyLlava(pl.LightningModule):
+    def __init__(self, lr: float = 0.0, seed: int = 0):
+        super().__init__()
+        self.model, _ = make_tiny_vlm("llava", seed=seed)
+        self.lr = lr
+
+    def forward(self, batch):
+        return self.model(**batch)
+
+    def training_step(self, batch, batch_idx):
+        out = self.model(**batch, labels=batch["input_ids"])
+        return out.loss
+
+    def validation_step(self, batch, batch_idx):
+        out = self.model(**batch, labels=batch["input_ids"])
+        self.log("val_loss", out.loss, batch_size=batch["input_ids"].shape[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def make_batches(n_batches: int = 4, batch_size: int = 3, n_text: int = 20, seed: int = 0):
+    _, make_inputs = make_tiny_vlm("llava")
+    return [make_inputs(batch_size, n_text + i, seed=seed + i) for i in range(n_batches)]
+
+
+def loader(batches):
+    return DataLoader(batches, batch_size=None, shuffle=False)
+
+
+def official_masks(batch):
+    """Independent mask builder: image tokens; text = attended non-image tokens after the first image token."""
+    ids, att = batch["input_ids"], batch["attention_mask"].bool()
+    vision = (ids == IMAGE_TOKEN_ID) & att
+    text = torch.zeros_like(vision)
+    for b in range(ids.shape[0]):
+        where = torch.nonzero(vision[b]).flatten()
+        if len(where):
+            text[b, int(where[0]):] = True
+    text &= att & ~vision
+    return vision, text
+
+
+@torch.no_grad()
+def reference_for(module, batches, sigma=3.0, layers=None):
+    """MIR from output_hidden_states[1:] of ``module.model`` on ``batches`` (float64, numpy/scipy)."""
+    module.eval()
+    vis, txt = None, None
+    for batch in batches:
+        hidden = module.model(**batch, output_hidden_states=True).hidden_states[1:]
+        if layers is not None:
+            hidden = [hidden[i] for i in layers]
+        v, t = official_masks(batch)
+        if vis is None:
+            vis, txt = [[] for _ in hidden], [[] for _ in hidden]
+        for k, h in enumerate(hidden):
+            vis[k].append(h[v].double())
+            txt[k].append(h[t].double())
+    return reference_mir([torch.cat(x) for x in vis], [torch.cat(x) for x in txt], sigma)
+
+
+def read_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under ``log_dir`` (tensorboard's own reader)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(glob.glob(f"{log_dir}/**/events.out.tfevents.*", recursive=True)):
+        acc = EventAccumulator(path, size_guidance={"scalars": 0, "images": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+def read_image_tags(log_dir: str) -> dict[str, list[int]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[int]] = {}
+    for path in sorted(glob.glob(f"{log_dir}/**/events.out.tfevents.*", recursive=True)):
+        acc = EventAccumulator(path, size_guidance={"images": 0})
+        acc.Reload()
+        for tag in acc.Tags()["images"]:
+            out.setdefault(tag, []).extend(e.step for e in acc.Images(tag))
+    return out

@@ -1,0 +1,189 @@
+"""MIRCallback and MIREarlyStopping with a real Trainer on CPU; values read back from TensorBoard files."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from mir_lightning import MIRCallback, MIREarlyStopping
+from lightning_helpers import TinyLlava, loader, make_batches, official_masks, read_image_tags, read_scalars, reference_for
+
+TRAINER = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False)
+
+
+def fit(tmp_path, module, callbacks, max_steps=6, val_every=2, version=0, ckpt_path=None, **kwargs):
+    batches = make_batches()
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=version)
+    options = dict(TRAINER, max_steps=max_steps, val_check_interval=val_every, check_val_every_n_epoch=None,
+                   logger=logger, num_sanity_val_steps=2, enable_checkpointing=False)
+    options.update(kwargs)
+    trainer = pl.Trainer(callbacks=callbacks, **options)
+    trainer.fit(module, loader(batches), loader(batches), ckpt_path=ckpt_path)
+    return trainer, batches, os.path.join(str(tmp_path), "tb", f"version_{version}")
+
+
+def test_logged_mir_equals_reference_and_sanity_check_logs_nothing(tmp_path):
+    module = TinyLlava(lr=0.05)
+    cb = MIRCallback()
+    trainer, batches, log_dir = fit(tmp_path, module, [cb], max_steps=6, val_every=3)
+    scalars = read_scalars(log_dir)
+    # two real validation runs (steps 3 and 6); the sanity check logged nothing
+    # Lightning logs validation metrics at the number of optimizer steps taken before the
+    # validation (2 and 5 here); the callback's figures and history use the same steps
+    assert [s for s, _ in scalars["mir"]] == [2, 5]
+    assert len(cb.history) == 2
+    ref_mir, ref_fd, _ = reference_for(module, batches)  # weights after the last step = weights at step 6
+    assert abs(scalars["mir"][-1][1] - ref_mir) < 1e-5  # TensorBoard stores float32
+    assert abs(cb.history[-1]["mir"] - ref_mir) < 1e-6
+    layer_tags = sorted(t for t in scalars if t.startswith("mir/fd/layer_"))
+    assert len(layer_tags) == len(ref_fd)
+    for k, tag in enumerate(layer_tags):
+        assert math.isclose(scalars[tag][-1][1], ref_fd[k], rel_tol=1e-5)
+    assert scalars["mir"][0][1] != scalars["mir"][1][1]  # the model trained in between
+    images = read_image_tags(log_dir)
+    assert images["mir/per_layer"] == [2, 5] and images["mir/history"] == [2, 5]
+    assert [h["step"] for h in cb.history] == [2, 5]
+    # training forwards were never captured: hooks are gone after validation
+    assert not cb._capture._handles
+    assert not any("LayerCapture" in h.__qualname__ for m in cb._capture.modules for h in m._forward_hooks.values())
+
+
+def test_explicit_layers_masks_and_layer_subset(tmp_path):
+    module = TinyLlava()
+    from mir_lightning.integrations.transformers import find_hidden_state_modules
+
+    cb = MIRCallback(layers=lambda m: find_hidden_state_modules(m.model), masks=official_masks, layer_indices=[0, 2])
+    batches = make_batches(n_batches=2)
+    trainer = pl.Trainer(logger=False, callbacks=[cb], **TRAINER)
+    trainer.validate(module, loader(batches), verbose=False)
+    ref_mir, _, _ = reference_for(module, batches, layers=[0, 2])
+    assert abs(float(trainer.callback_metrics["mir"]) - ref_mir) < 1e-6  # works with logger=False
+    assert "mir/fd/layer_02" in trainer.callback_metrics and "mir/fd/layer_01" not in trainer.callback_metrics
+
+
+def test_probe_dataloader_and_step_output(tmp_path):
+    module = TinyLlava()
+    probe = make_batches(n_batches=2, seed=50)
+    cb = MIRCallback(probe_dataloader=loader(probe), name="mir_probe")
+    trainer = pl.Trainer(logger=False, callbacks=[cb], **TRAINER)
+    trainer.validate(module, loader(make_batches(n_batches=1)), verbose=False)
+    ref_mir, _, _ = reference_for(module, probe)
+    assert abs(float(trainer.callback_metrics["mir_probe"]) - ref_mir) < 1e-6
+
+    class StepOutput(TinyLlava):
+        def validation_step(self, batch, batch_idx):
+            out = self.model(**batch, output_hidden_states=True)
+            vision, text = official_masks(batch)
+            return {"hidden_states": out.hidden_states[1:], "vision_mask": vision, "text_mask": text}
+
+    module2 = StepOutput()
+    batches = make_batches(n_batches=2)
+    ref_mir, _, _ = reference_for(module2, batches)
+    cb2 = MIRCallback(source="step_output")
+    trainer = pl.Trainer(logger=False, callbacks=[cb2], **TRAINER)
+    trainer.validate(module2, loader(batches), verbose=False)
+    assert abs(float(trainer.callback_metrics["mir"]) - ref_mir) < 1e-6
+
+
+def test_failure_is_a_warning_and_nan(tmp_path):
+    def broken_masks(batch):
+        raise RuntimeError("boom")
+
+    module = TinyLlava(lr=0.01)
+    cb = MIRCallback(masks=broken_masks)
+    with pytest.warns(UserWarning, match="boom"):
+        trainer, _, log_dir = fit(tmp_path, module, [cb], max_steps=4, val_every=2)
+    assert trainer.global_step == 4  # training went on
+    values = read_scalars(log_dir)["mir"]
+    assert len(values) == 2 and all(math.isnan(v) for _, v in values)
+
+
+def test_plateau_rule_unit():
+    stopper = MIREarlyStopping(min_delta=0.05, patience=2)
+    decisions = [stopper._evaluate_stopping_criteria(torch.tensor(v))[0] for v in (3.0, 2.0, 2.5, 2.52, 2.49)]
+    assert decisions == [False, False, False, False, True]
+    stopper = MIREarlyStopping(min_delta=0.05, patience=2)
+    rising = [stopper._evaluate_stopping_criteria(torch.tensor(v))[0] for v in (1.0, 1.2, 1.4, 1.6, 1.8)]
+    assert not any(rising)  # MIR that keeps moving (even upward) is no plateau
+    assert not stopper._evaluate_stopping_criteria(torch.tensor(float("nan")))[0]
+    classic = MIREarlyStopping(min_delta=0.05, patience=2, mode="min")
+    assert [classic._evaluate_stopping_criteria(torch.tensor(v))[0] for v in (1.0, 1.2, 1.4)] == [False, False, True]
+
+
+def test_early_stopping_fires_on_plateau_and_not_before(tmp_path):
+    module = TinyLlava(lr=0.0)  # frozen: MIR is the same at every validation
+    stopper = MIREarlyStopping(monitor="mir", min_delta=1e-6, patience=2)
+    trainer, _, log_dir = fit(tmp_path, module, [MIRCallback(), stopper], max_steps=40, val_every=2)
+    # validations after steps 2, 4, 6 (logged at 1, 3, 5): the third value completes the plateau
+    assert trainer.global_step == 6
+    assert [s for s, _ in read_scalars(log_dir)["mir"]] == [1, 3, 5]
+    assert "plateaued" in stopper.stopping_reason_message
+
+
+def test_resume_continues_curves_and_patience(tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+
+    def callbacks():
+        return [MIRCallback(), MIREarlyStopping(monitor="mir", min_delta=10.0, patience=50),
+                ModelCheckpoint(dirpath=str(ckpt_dir), monitor="mir", save_last=True, save_top_k=-1)]
+        # monitor= makes ModelCheckpoint save after each validation, with its MIR in the callback state
+
+    first = callbacks()
+    fit(tmp_path, TinyLlava(lr=0.05), first, max_steps=4, val_every=2, enable_checkpointing=True)
+    assert first[1].wait_count == 1
+    second = callbacks()
+    trainer, batches, log_dir = fit(tmp_path, TinyLlava(lr=0.05), second, max_steps=8, val_every=2,
+                                    enable_checkpointing=True, ckpt_path=str(ckpt_dir / "last.ckpt"))
+    steps = [s for s, _ in read_scalars(log_dir)["mir"]]
+    assert steps == [1, 3, 5, 7]  # no gap, no duplicate
+    assert [h["step"] for h in second[0].history] == [1, 3, 5, 7]
+    assert second[1].wait_count == 3 and len(second[1].recent) == 4  # the count went on
+
+
+def test_bf16_precision_keeps_float64_state(tmp_path):
+    module = TinyLlava()
+    cb = MIRCallback()
+    batches = make_batches(n_batches=2)
+    trainer = pl.Trainer(logger=False, precision="bf16-mixed", callbacks=[cb], **TRAINER)
+    trainer.validate(module, loader(batches), verbose=False)
+    assert cb.metric.vision_m2.dtype == torch.float64
+    assert math.isfinite(float(trainer.callback_metrics["mir"]))
+
+
+class LazyTinyLlava(TinyLlava):
+    """Builds its model in configure_model (inside each spawned process): transformers 5
+    models do not survive pickling into ddp_spawn workers with their output recorders."""
+
+    def __init__(self):
+        pl.LightningModule.__init__(self)
+        self.model = None
+
+    def configure_model(self):
+        if self.model is None:
+            from vlm_factory import make_tiny_vlm
+
+            self.model, _ = make_tiny_vlm("llava", seed=0)
+
+
+def _ddp_fit(tmp):
+    module = LazyTinyLlava()
+    cb = MIRCallback()
+    trainer = pl.Trainer(strategy="ddp_spawn", accelerator="cpu", devices=2, logger=False, callbacks=[cb],
+                         enable_progress_bar=False, enable_model_summary=False)
+    results = trainer.validate(module, loader(make_batches(n_batches=4)), verbose=False)
+    return float(results[0]["mir"])
+
+
+def test_ddp_spawn_two_processes_equal_one(tmp_path):
+    module = TinyLlava()
+    batches = make_batches(n_batches=4)
+    ref_mir, _, _ = reference_for(module, batches)
+    mir = _ddp_fit(tmp_path)
+    assert abs(mir - ref_mir) < 1e-5
