@@ -88,6 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, metavar="CKPT", help="resume training from a checkpoint")
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--summary-json", default=None, help="also write the per-validation summary as JSON here")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also draw MIR, digit accuracy, caption loss and projector norm against step (matplotlib)")
     a = p.parse_args(argv)
     defaults = dict(max_steps=(20, 150), val_every=(10, 25), batch_size=(8, 12), n_train=(160, 1800),
                     n_val=(40, 100))
@@ -482,10 +484,14 @@ def build_history_callback():
                 if k.startswith("val/") or k == "mir" or k.startswith("mir/") or k.startswith("mir_"):
                     if torch.is_tensor(v) and v.numel() == 1:
                         row[k] = float(v)
-            if self.rows and self.rows[-1]["step"] == row["step"]:
-                self.rows[-1].update(row)
-            else:
-                self.rows.append(row)
+            self.rows = [r for r in self.rows if r["step"] < row["step"]] + [row]
+
+        # kept in checkpoints, so a resumed run prints the whole curve
+        def state_dict(self):
+            return {"rows": [dict(r) for r in self.rows]}
+
+        def load_state_dict(self, state_dict):
+            self.rows = [dict(r) for r in state_dict.get("rows", [])]
 
     return History()
 
@@ -537,6 +543,29 @@ def print_summary(rows, log_dir):
     for r in rows:
         print("  ".join(f"{(fmt.format(r[k]) if k in r else '-'):>12}" for k, _, fmt in cols))
     print(f"\nTensorBoard: tensorboard --logdir {log_dir}")
+
+
+def plot_curves(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("mir", "MIR (lower = 'better aligned')"), ("val/digit_acc", "10-way digit accuracy"),
+              ("val/caption_loss", "held-out caption loss"), ("val/image_token_norm", "projector output norm")]
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
+    for ax, (key, label) in zip(axes, panels):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    print(f"Curves: {path}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -605,10 +634,11 @@ def main(argv=None):
             version = ck.parent.parent.name
     logger = TensorBoardLogger(args.log_dir, name=args.name, version=version, default_hp_metric=False)
     history = build_history_callback()
+    # saved at the end of every validation (so the checkpoint holds that validation's MIR / metrics history)
     ckpt_cb = ModelCheckpoint(dirpath=os.path.join(logger.log_dir, "checkpoints"), save_last=True, save_top_k=0,
-                              every_n_train_steps=args.val_every)
+                              save_on_train_epoch_end=False)
     callbacks = [history, ckpt_cb]
-    mir_cb = None
+    mir_cb = es_cb = None
     if mir_cls is not None:
         MIRCallback, MIREarlyStopping, find_hidden_state_modules = mir_cls
         # MIR on the validation batches (= the fixed held-out probe); masks come from batch["vision_mask"/"text_mask"]
@@ -616,7 +646,8 @@ def main(argv=None):
                              probe_dataloader=None, name="mir")
         callbacks.insert(0, mir_cb)
         if args.early_stop:
-            callbacks.append(MIREarlyStopping(monitor="mir", patience=args.es_patience, min_delta=args.es_min_delta))
+            es_cb = MIREarlyStopping(monitor="mir", patience=args.es_patience, min_delta=args.es_min_delta)
+            callbacks.append(es_cb)
     elif args.early_stop:
         raise SystemExit("--early-stop needs the MIR callback (drop --no-mir)")
 
@@ -635,8 +666,13 @@ def main(argv=None):
 
     rows = merge_mir_history(history.rows, mir_cb)
     print_summary(rows, args.log_dir)
+    if es_cb is not None and getattr(es_cb, "stopping_reason_message", None):
+        print(f"MIREarlyStopping stopped training at step {trainer.global_step}: {es_cb.stopping_reason_message}")
     print(f"Checkpoints (projector only): {ckpt_cb.dirpath}")
     print(f"Wall time: {t_end - t_start:.1f}s total, {t_end - t_train:.1f}s training + validation")
+    if args.plot:
+        plot_curves(rows, args.plot, f"{'tiny random parts' if args.tiny else 'SmolLM2-135M + EfficientNet-Lite0'}, "
+                                     f"lr {args.lr}, batch {args.batch_size}, probe of {args.n_val} held-out digits")
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps({"rows": rows, "wall_s": t_end - t_start,
                                                        "log_dir": logger.log_dir}, indent=1))

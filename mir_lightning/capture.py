@@ -76,18 +76,6 @@ def select_layers(modules: Sequence[nn.Module], which: Sequence[int] | slice | N
         raise IndexError(f"layer index out of range for {len(modules)} layers: {list(which)}") from err
 
 
-def parse_layer_spec(spec: str | None) -> Sequence[int] | slice | None:
-    """``"0,4,8"`` -> ``[0, 4, 8]``; ``"::2"`` or ``"1:20:4"`` -> a slice; ``None``/``""`` -> None."""
-    if not spec:
-        return None
-    if ":" in spec:
-        parts = [int(p) if p.strip() else None for p in spec.split(":")]
-        if len(parts) > 3:
-            raise ValueError(f"bad layer slice {spec!r}")
-        return slice(*parts)
-    return [int(p) for p in spec.split(",") if p.strip()]
-
-
 def infer_hidden_size(modules: Sequence[nn.Module]) -> int | None:
     """Hidden size from the last module's weight or a config, when it can be read."""
     for module in reversed(list(modules)):

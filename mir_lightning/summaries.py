@@ -59,21 +59,28 @@ def moments_recentre(count: Tensor | int, mean: Tensor, m2: Tensor, centre: Tens
     return torch.addr(m2, delta, delta, alpha=float(count))
 
 
-def tails_update(rows: Tensor, norms: Tensor, x: Tensor, x_norms: Tensor, largest: bool) -> None:
+def tails_update(rows: Tensor, norms: Tensor, dropped: Tensor, x: Tensor, x_norms: Tensor, largest: bool) -> None:
     """Keep the ``K`` rows of largest (or smallest) norm seen so far, in place.
 
     Args:
         rows: ``[K, D]`` kept rows; norms: ``[K]`` their norms (``-inf``/``+inf`` = empty slot).
+        dropped: 0-dim, the most extreme norm of any row not kept (``-inf``/``+inf`` if none):
+            the 3-sigma rule is exact as long as this row is not an outlier.
         x, x_norms: new rows ``[n, D]`` and their norms ``[n]``.
     """
     if x.shape[0] == 0:
         return
     k = norms.shape[0]
     all_norms = torch.cat([norms, x_norms.to(norms.dtype)])
-    top = torch.topk(all_norms, k, largest=largest, sorted=False).indices
+    keep = torch.topk(all_norms, k, largest=largest, sorted=False).indices
+    lost = torch.ones_like(all_norms, dtype=torch.bool)
+    lost[keep] = False
+    if bool(lost.any()):
+        extreme = all_norms[lost].max() if largest else all_norms[lost].min()
+        dropped.copy_(torch.maximum(dropped, extreme) if largest else torch.minimum(dropped, extreme))
     all_rows = torch.cat([rows, x.to(rows.dtype)])
-    norms.copy_(all_norms[top])
-    rows.copy_(all_rows[top])
+    norms.copy_(all_norms[keep])
+    rows.copy_(all_rows[keep])
 
 
 def histogram_grid(rows: Tensor, bins: int, spread: float = 7.0) -> tuple[Tensor, Tensor]:

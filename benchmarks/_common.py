@@ -1,0 +1,215 @@
+"""Shared helpers of the benchmarks: machine description, interleaved timing, tables and
+synthetic LLM-like hidden states. Not part of the package."""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from anywhere without installing
+    sys.path.insert(0, str(REPO))
+
+
+def setup(threads: int = 2) -> None:
+    """Fix the intra-op thread count (the machine has 2 shared cores)."""
+    torch.set_num_threads(threads)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: str = "cpu") -> str:
+    """One line: CPU model, visible cores, torch/numpy/scipy versions, threads, load."""
+    import numpy
+    try:
+        import scipy
+        scipy_version = scipy.__version__
+    except ImportError:  # pragma: no cover
+        scipy_version = "n/a"
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    line = (
+        f"CPU: {cpu_model()} ({os.cpu_count()} visible cores) | torch {torch.__version__} | numpy {numpy.__version__} | "
+        f"scipy {scipy_version} | torch threads {torch.get_num_threads()} | load avg at start {load}"
+    )
+    if device.startswith("cuda") and torch.cuda.is_available():
+        line += f" | GPU: {torch.cuda.get_device_name()}"
+    return line
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def time_call(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> float:
+    """Wall seconds of one call (``sync`` before and after, e.g. torch.cuda.synchronize)."""
+    if sync is not None:
+        sync()
+    start = time.perf_counter()
+    fn()
+    if sync is not None:
+        sync()
+    return time.perf_counter() - start
+
+
+def run_interleaved(
+    methods: dict[str, Callable[[], object]],
+    repeats: int,
+    sync: Callable[[], None] | None = None,
+    warmup: bool = True,
+) -> dict[str, list[float]]:
+    """Time every method ``repeats`` times, interleaved: each round calls all methods once,
+    in an order rotated from round to round (so slow drifts of the shared machine's load
+    hit all methods alike). One untimed warm-up call each when ``warmup``."""
+    names = list(methods)
+    if warmup:
+        for name in names:
+            methods[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            gc.collect()
+            times[name].append(time_call(methods[name], sync))
+    return times
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    if x != x:  # NaN
+        return "nan"
+    if x == 0:
+        return "0"
+    if abs(x) >= 1e4 or abs(x) < 1e-3:
+        return f"{x:.2e}"
+    return f"{x:.{digits}g}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table (strings as given, floats through :func:`fmt`)."""
+    cells = [[fmt(c) if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |"]
+    out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        out.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+    return "\n".join(out)
+
+
+class SyntheticLLM:
+    """LLM-like hidden states of one model, both modalities, any layer.
+
+    Every token is ``s_k * (offset + shift_m + z diag(sqrt(lam_m)) Q_m^T)`` with ``z`` standard
+    normal: a large common offset (entries ~ N(0, offset^2) plus ``n_massive`` "massive"
+    dimensions at +-``massive``, the residual-stream outlier features of real LLMs), a
+    power-law spectrum ``lam_i ~ i^-alpha`` (mean 1) in a random orthonormal basis that
+    differs between modalities, a vision mean shift, a vision spread ``vision_scale`` times
+    wider, and a per-layer scale ``s_k = 1 + 0.25 k`` (the residual stream grows with depth).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        offset: float = 5.0,
+        massive: float = 200.0,
+        n_massive: int = 4,
+        alpha_text: float = 1.0,
+        alpha_vision: float = 1.3,
+        vision_scale: float = 3.0,
+        vision_shift: float = 1.0,
+    ) -> None:
+        self.D = d = int(hidden_size)
+        self.device = torch.device(device)
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        kw = dict(generator=self.gen, device=self.device, dtype=torch.float32)
+        self.offset = torch.randn(d, **kw) * offset
+        idx = torch.arange(min(n_massive, d), device=self.device) * max(1, d // max(1, n_massive))
+        self.offset[idx] = massive * torch.where(torch.arange(idx.numel(), device=self.device) % 2 == 0, 1.0, -1.0)
+        self.shift = {"text": torch.zeros(d, device=self.device), "vision": torch.randn(d, **kw) * vision_shift}
+        self.factor = {}
+        for m, alpha, scale in (("text", alpha_text, 1.0), ("vision", alpha_vision, vision_scale)):
+            q, _ = torch.linalg.qr(torch.randn(d, d, **kw))
+            lam = torch.arange(1, d + 1, device=self.device, dtype=torch.float32) ** -alpha
+            lam *= d / lam.sum()
+            self.factor[m] = (lam.sqrt() * scale)[:, None] * q.mT  # z @ factor: cov Q diag(lam) Q^T
+        del q
+
+    @staticmethod
+    def layer_scale(layer: int) -> float:
+        return 1.0 + 0.25 * layer
+
+    def tokens(self, modality: str, n: int, layer: int) -> torch.Tensor:
+        """``[n, D]`` float32 tokens of ``modality`` in ``layer``."""
+        z = torch.randn(n, self.D, generator=self.gen, device=self.device, dtype=torch.float32)
+        x = z @ self.factor[modality]
+        x += self.offset + self.shift[modality]
+        return x.mul_(self.layer_scale(layer))
+
+    def near_identical_text(self, vision: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+        """Text tokens almost distributed like ``vision``: ``(1+eps)`` times its spread about
+        the offset plus ``eps`` times independent noise of another basis (so the two
+        covariances do not commute). FD / (tr S_V + tr S_T) is then ~eps^2."""
+        centre = vision.mean(0)
+        z = torch.randn(vision.shape, generator=self.gen, device=self.device, dtype=torch.float32)
+        noise = (z @ self.factor["text"]) * (eps * float(vision.std(0).mean()))
+        return (vision - centre) * (1.0 + eps) + centre + noise
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux /proc; psutil as fallback)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def hwm_bytes() -> int:
+    """Peak resident set size (VmHWM) of this process."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0, ``/proc/self/clear_refs`` = 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc), so RSS reflects live data."""
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass

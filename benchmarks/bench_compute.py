@@ -1,0 +1,409 @@
+"""compute() speed and accuracy of ModalityIntegrationRate against the official modes,
+the torchmetrics route and the floor (one float64 eigvalsh per layer).
+
+    python benchmarks/bench_compute.py            # D in {512, 1024, 2048} x 8 layers (+ near-identical case)
+    python benchmarks/bench_compute.py --quick    # D in {256, 512} x 4 layers, < 1 minute
+
+Per D, synthetic LLM-like tokens (large common offset with a few massive dimensions,
+power-law spectra in different random bases, more tokens than D) are fed to three metrics
+(float64 state; float64 state with an exact median buffer; float32 state), and the same
+tokens give (i) a float64 reference FD per layer: text-centric scale + 3-sigma rule on the
+materialised tokens, two-pass covariances, then the cancellation-free Bures/Procrustes form
+``||mu_V - mu_T||^2 + ||S_T^(1/2) - S_V^(1/2) U||_F^2`` (U the optimal orthogonal factor from
+an SVD), and (ii) the official script's float32 pipeline (``.float()`` tokens, float32
+centred covariances). Every route below is timed in one process, interleaved, median of
+``--repeats`` rounds; slow routes may be timed on a subset of layers and scaled to the set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import scipy.linalg
+import torch
+
+import _common as C
+from mir_lightning import ModalityIntegrationRate
+from mir_lightning.functional import frechet_distance
+
+F64, F32 = torch.float64, torch.float32
+
+
+# --------------------------------------------------------------------------- reference math
+def outlier_rule(x: torch.Tensor, sigma: float = 3.0) -> torch.Tensor:
+    """MIR.md step 3 on materialised rows, in x's dtype (lower medians, unbiased std)."""
+    norms = x.norm(dim=1)
+    mask = (norms - norms.median()).abs() > sigma * norms.std()
+    if bool(mask.any()):
+        x = x.clone()
+        x[mask] = x.median(dim=0).values
+    return x
+
+
+def mean_cov(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mu = x.mean(0)
+    xc = x - mu
+    return mu, (xc.mT @ xc) / (x.shape[0] - 1)
+
+
+def layer_stats(vision: torch.Tensor, text: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Scale, 3-sigma rule, means and covariances of one layer, all in ``dtype``."""
+    v, t = vision.to(dtype), text.to(dtype)
+    scale = 1.0 / t.norm(dim=1).mean()
+    v, t = outlier_rule(v * scale), outlier_rule(t * scale)
+    mu_v, s_v = mean_cov(v)
+    mu_t, s_t = mean_cov(t)
+    return {"mu_v": mu_v, "S_v": s_v, "mu_t": mu_t, "S_t": s_t}
+
+
+def sqrt_sym(s: torch.Tensor) -> torch.Tensor:
+    w, q = torch.linalg.eigh(s)
+    return (q * w.clamp_min(0).sqrt()) @ q.mT
+
+
+def bures_fd(mu1, s1, mu2, s2) -> float:
+    """Cancellation-free float64 FD: ||dmu||^2 + min_U ||S1^(1/2) - S2^(1/2) U||_F^2."""
+    a, b = sqrt_sym(s1), sqrt_sym(s2)
+    p, _, qh = torch.linalg.svd(a @ b)
+    resid = a - b @ (qh.mT @ p.mT)
+    diff = mu1 - mu2
+    return float((diff * diff).sum() + (resid * resid).sum())
+
+
+# --------------------------------------------------------------------------- routes under test
+def fd_scipy(mu_v: np.ndarray, s_v: np.ndarray, mu_t: np.ndarray, s_t: np.ndarray) -> float:
+    """The official "accurate" mode: sqrtm(S_V @ S_T), real part, in the arrays' dtype."""
+    covmean = scipy.linalg.sqrtm(s_v.dot(s_t))
+    if np.iscomplexobj(covmean):
+        covmean = covmean.real
+    return float(np.sum((mu_v - mu_t) ** 2) + np.trace(s_v) + np.trace(s_t) - 2 * np.trace(covmean))
+
+
+def fd_official_fast(mu_v, s_v, mu_t, s_t, steps: int = 5) -> float:
+    """The official "fast" mode (MIR.md): Y = A, Z = I, then Y <- (Y + Z^-1 A)/2,
+    Z <- (Z + Y^-1 A)/2, ``steps`` times; A = S_V S_T. Y = A, Z = I is a fixed point."""
+    a = s_v @ s_t
+    y, z = a, torch.eye(a.shape[0], dtype=a.dtype)
+    for _ in range(steps):
+        y = 0.5 * (y + torch.inverse(z) @ a)
+        z = 0.5 * (z + torch.inverse(y) @ a)
+    diff = mu_v - mu_t
+    return float((diff * diff).sum() + torch.trace(s_v) + torch.trace(s_t) - 2 * torch.trace(y))
+
+
+def fd_eigvals(mu_v, s_v, mu_t, s_t) -> float:
+    """torchmetrics' FID route: eigvals of the non-symmetric product, complex sqrt, real part."""
+    cross = torch.linalg.eigvals(s_v @ s_t).sqrt().real.sum()
+    diff = mu_v - mu_t
+    return float((diff * diff).sum() + torch.trace(s_v) + torch.trace(s_t) - 2 * cross)
+
+
+def fd_chol_svdvals(mu_v, s_v, mu_t, s_t) -> float:
+    """Candidate accurate route: tr((S_T S_V)^(1/2)) = sum of singular values of L_T^T L_V
+    (both Cholesky factors): no square roots of tiny eigenvalues."""
+    l_t, l_v = torch.linalg.cholesky(s_t), torch.linalg.cholesky(s_v)
+    cross = torch.linalg.svdvals(l_t.mT @ l_v).sum()
+    diff = mu_v - mu_t
+    return float((diff * diff).sum() + torch.trace(s_v) + torch.trace(s_t) - 2 * cross)
+
+
+# --------------------------------------------------------------------------- one case
+@dataclass
+class Case:
+    name: str
+    D: int
+    layers: int
+    n_vision: int
+    n_text: int
+    metrics: dict[str, ModalityIntegrationRate]
+    ref64: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    off32: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    fd_ref: list[float] = field(default_factory=list)
+    fd_over_trace: list[float] = field(default_factory=list)
+    setup_s: float = 0.0
+
+
+def feed(metric: ModalityIntegrationRate, k: int, vision: torch.Tensor, text: torch.Tensor, chunk: int = 512) -> None:
+    """Stream one layer's tokens as batches [1, <=2*chunk, D] (vision rows, then text rows)."""
+    nv, nt = vision.shape[0], text.shape[0]
+    for i in range(max(math.ceil(nv / chunk), math.ceil(nt / chunk))):
+        v, t = vision[i * chunk:(i + 1) * chunk], text[i * chunk:(i + 1) * chunk]
+        hidden = torch.cat([v, t])[None]
+        vm = torch.zeros(1, hidden.shape[1], dtype=torch.bool)
+        vm[0, : v.shape[0]] = True
+        metric.update_layer(k, hidden, vm, ~vm)
+
+
+def build_case(name: str, D: int, layers: int, near_identical: bool, seed: int) -> Case:
+    start = time.perf_counter()
+    model = C.SyntheticLLM(D, seed=seed)
+    nv = max(int(1.25 * D), 768)
+    nt = nv if near_identical else max(int(1.5 * D), 1024)
+    metrics = {
+        "f64": ModalityIntegrationRate(layers, D),
+        "f64_exact_median": ModalityIntegrationRate(layers, D, median_buffer=max(nv, nt)),
+        "f32": ModalityIntegrationRate(layers, D, state_dtype=F32),
+    }
+    case = Case(name, D, layers, nv, nt, metrics)
+    for k in range(layers):
+        vision = model.tokens("vision", nv, k)
+        text = model.near_identical_text(vision) if near_identical else model.tokens("text", nt, k)
+        for metric in metrics.values():
+            feed(metric, k, vision, text)
+        ref = layer_stats(vision, text, F64)
+        case.ref64.append(ref)
+        case.off32.append(layer_stats(vision, text, F32))
+        fd = bures_fd(ref["mu_v"], ref["S_v"], ref["mu_t"], ref["S_t"])
+        case.fd_ref.append(fd)
+        case.fd_over_trace.append(fd / float(torch.trace(ref["S_v"]) + torch.trace(ref["S_t"])))
+        del vision, text
+    case.setup_s = time.perf_counter() - start
+    return case
+
+
+def fresh_compute(metric: ModalityIntegrationRate) -> torch.Tensor:
+    """compute() from the fed state, bypassing the two result caches (torchmetrics' and the metric's)."""
+    metric._computed = None
+    metric._results = None
+    return metric.compute()
+
+
+@dataclass
+class Route:
+    label: str
+    dtype: str
+    layers_timed: int
+    fn: Callable[[int], float] | None = None  # per-layer route: k -> FD (nan for the floor)
+    whole: Callable[[], torch.Tensor] | None = None  # whole-set route (compute())
+    metric_key: str = ""
+    results: dict[int, float] = field(default_factory=dict)
+
+
+def routes_for(case: Case, slow_layers: int, mid_layers: int) -> dict[str, Route]:
+    L = case.layers
+    r64, o32 = case.ref64, case.off32
+    np64 = [{k: v.numpy() for k, v in r.items()} for r in r64]
+    np32 = [{k: v.numpy() for k, v in r.items()} for r in o32]
+
+    def args(stats, k):
+        s = stats[k]
+        return s["mu_v"], s["S_v"], s["mu_t"], s["S_t"]
+
+    def pkg(k):  # the package's linear algebra alone (text first, as compute() does when n_t >= n_v)
+        s = r64[k]
+        return float(frechet_distance(s["mu_t"], s["S_t"], s["mu_v"], s["S_v"]))
+
+    return {
+        "compute64": Route("compute() float64 state", "f64", L, whole=lambda: fresh_compute(case.metrics["f64"]), metric_key="f64"),
+        "compute32": Route("compute() float32 state", "f32 state, f64 linalg", L, whole=lambda: fresh_compute(case.metrics["f32"]),
+                           metric_key="f32"),
+        "pkg": Route("functional.frechet_distance (Cholesky+eigvalsh)", "f64", L, fn=pkg),
+        "chol_svd": Route("candidate: Cholesky x2 + svdvals(L_T^T L_V)", "f64", mid_layers, fn=lambda k: fd_chol_svdvals(*args(r64, k))),
+        "scipy32": Route("official accurate: scipy sqrtm(S_V S_T)", "f32 (as official)", slow_layers, fn=lambda k: fd_scipy(*args(np32, k))),
+        "scipy64": Route("scipy sqrtm(S_V S_T)", "f64", slow_layers, fn=lambda k: fd_scipy(*args(np64, k))),
+        "fast32": Route("official fast: 5-step iteration (returns A)", "f32 (as official)", mid_layers, fn=lambda k: fd_official_fast(*args(o32, k))),
+        "eigvals": Route("torchmetrics: eigvals(S_V S_T)", "f64", mid_layers, fn=lambda k: fd_eigvals(*args(r64, k))),
+        "floor": Route("floor: one eigvalsh per layer", "f64", L, fn=lambda k: (torch.linalg.eigvalsh(r64[k]["S_t"]), math.nan)[1]),
+    }
+
+
+def timed_callable(route: Route, L: int) -> Callable[[], None]:
+    if route.whole is not None:
+        return route.whole
+    counter = itertools.count()
+
+    def call() -> None:
+        r = next(counter)
+        for i in range(route.layers_timed):
+            k = (r * route.layers_timed + i) % L  # rotate over the layers from round to round
+            route.results[k] = route.fn(k)
+
+    return call
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+def errors(route: Route, case: Case) -> tuple[float, float, float]:
+    """(max per-layer relative FD error, relative error of the FD sum, |MIR error|)."""
+    if route.whole is not None:
+        fds = case.metrics[route.metric_key].per_layer_fd().tolist()  # cached by the timed compute()
+        got = dict(zip(range(case.layers), fds))
+    else:
+        got = route.results
+    if not got or all(math.isnan(v) for v in got.values()):
+        return math.nan, math.nan, math.nan
+    ks = sorted(got)
+    per = max(rel(got[k], case.fd_ref[k]) for k in ks)
+    s_got, s_ref = sum(got[k] for k in ks), sum(case.fd_ref[k] for k in ks)
+    mir_err = abs(math.log10(s_got) - math.log10(s_ref)) if s_got > 0 else math.inf
+    return per, rel(s_got, s_ref), mir_err
+
+
+def run_case(case: Case, repeats: int, slow_layers: int, mid_layers: int, skip: set[str]) -> list[list[object]]:
+    routes = {k: r for k, r in routes_for(case, slow_layers, mid_layers).items() if k not in skip}
+    calls = {k: timed_callable(r, case.layers) for k, r in routes.items()}
+    times = C.run_interleaved(calls, repeats, warmup=False)
+    per_set = {k: [t * case.layers / routes[k].layers_timed for t in ts] for k, ts in times.items()}
+    floor = C.median(per_set["floor"])
+    rows = []
+    for key, route in routes.items():
+        med = C.median(per_set[key])
+        per, sum_err, mir_err = errors(route, case)
+        timed = f"{route.layers_timed}/{case.layers}" + ("" if route.layers_timed == case.layers else " (scaled)")
+        rows.append([route.label, route.dtype, timed, med, f"{min(per_set[key]):.3g}-{max(per_set[key]):.3g}",
+                     med / floor, per, sum_err, mir_err])
+    return rows, {k: C.median(v) for k, v in per_set.items()}
+
+
+# --------------------------------------------------------------------------- profile of compute()
+def profile_compute(metric: ModalityIntegrationRate, runs: int = 2) -> tuple[list[list[object]], str]:
+    """Wall-time breakdown of compute() by patching the functions it calls (median of ``runs``)."""
+    import mir_lightning.functional as F
+    import mir_lightning.metric as M
+
+    acc: dict[str, float] = {}
+
+    def wrap(owner, name, key):
+        orig = getattr(owner, name)
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return orig(*a, **kw)
+            finally:
+                acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, name, timed)
+        return owner, name, orig
+
+    samples: list[dict[str, float]] = []
+    for _ in range(runs):
+        acc.clear()
+        patches = [
+            wrap(metric, "_merged_layer", "merge (_merged_layer: gathers, casts, tails top-k, sketch copies)"),
+            wrap(metric, "_apply_outlier_rule", "outlier rule (_apply_outlier_rule, incl. medians)"),
+            wrap(M, "combined_lower_median", "  of which medians (combined_lower_median)"),
+            wrap(M, "frechet_terms", "Frechet terms (frechet_terms)"),
+            wrap(F, "_psd_factor", "  of which Cholesky (_psd_factor)"),
+            wrap(torch.linalg, "eigvalsh", "  of which eigvalsh"),
+            wrap(F, "trace_sqrt_product", "trace_sqrt_product"),
+        ]
+        try:
+            t0 = time.perf_counter()
+            fresh_compute(metric)
+            acc["total"] = time.perf_counter() - t0
+        finally:
+            for owner, name, orig in reversed(patches):
+                if owner is metric:
+                    delattr(owner, name)  # drop the instance attribute: the class method shows again
+                else:
+                    setattr(owner, name, orig)
+        samples.append(dict(acc))
+    med = {k: C.median([s.get(k, 0.0) for s in samples]) for k in samples[0]}
+    total = med["total"]
+    tsp = med.get("trace_sqrt_product", 0.0)
+    chol = med.get("  of which Cholesky (_psd_factor)", 0.0)
+    eig = med.get("  of which eigvalsh", 0.0)
+    rows = []
+    for key in ("merge (_merged_layer: gathers, casts, tails top-k, sketch copies)",
+                "outlier rule (_apply_outlier_rule, incl. medians)", "  of which medians (combined_lower_median)",
+                "Frechet terms (frechet_terms)", "  of which Cholesky (_psd_factor)"):
+        rows.append([key, med.get(key, 0.0), med.get(key, 0.0) / total])
+    gemm = max(tsp - chol - eig, 0.0)
+    rows.append(["  of which GEMMs L^T S L + symmetrise (rest of trace_sqrt_product)", gemm, gemm / total])
+    rows.append(["  of which eigvalsh", eig, eig / total])
+    accounted = sum(med.get(k, 0.0) for k in ("merge (_merged_layer: gathers, casts, tails top-k, sketch copies)",
+                                              "outlier rule (_apply_outlier_rule, incl. medians)",
+                                              "Frechet terms (frechet_terms)"))
+    rows.append(["rest of compute() (scaling, symmetrising covs, bookkeeping)", total - accounted, (total - accounted) / total])
+    rows.append(["total compute()", total, 1.0])
+
+    # aten-level view (one run)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fresh_compute(metric)
+    ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40)
+    return rows, ops
+
+
+# --------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="D in {256, 512} x 4 layers, near-identical at D=256 (< 1 min)")
+    ap.add_argument("--dims", type=int, nargs="+", default=None)
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--near-dim", type=int, default=None, help="D of the near-identical case")
+    ap.add_argument("--near-layers", type=int, default=2)
+    ap.add_argument("--big-d", type=int, default=1536,
+                    help="from this D on, scipy routes are timed on 1 layer and the other per-layer "
+                         "candidates on 2 layers per round (scaled to the set)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-profile", action="store_true")
+    a = ap.parse_args()
+    dims = a.dims or ([256, 512] if a.quick else [512, 1024, 2048])
+    layers = a.layers or (4 if a.quick else 8)
+    repeats = a.repeats or 3
+    near_dim = a.near_dim or (256 if a.quick else 512)
+    C.setup(a.threads)
+    warnings.simplefilter("ignore", RuntimeWarning)
+    t_start = time.perf_counter()
+    print(C.machine_info())
+    print(f"bench_compute: dims={dims} layers={layers} repeats={repeats} near-identical D={near_dim} "
+          f"x {a.near_layers} layers; seconds are per set of {layers} layers (median of {repeats} interleaved rounds)\n")
+
+    # warm-up of every library path on a tiny case
+    tiny = build_case("warm-up", 32, 2, False, a.seed)
+    run_case(tiny, 1, 1, 1, set())
+
+    headers = ["route", "dtype", "layers timed", "s / set", "min-max", "x floor", "max rel err/layer", "rel err FD sum", "|MIR err|"]
+    summary = []
+    cases = [(f"LLM-like D={d}", d, layers, False) for d in dims] + [(f"near-identical D={near_dim}", near_dim, a.near_layers, True)]
+    profile_target = None
+    for name, d, L, near in cases:
+        case = build_case(name, d, L, near, a.seed + d)
+        big = d >= a.big_d
+        rows, med = run_case(case, repeats, 1 if big else L, 2 if big else L, set())
+        fot = case.fd_over_trace
+        print(f"## {name} x {L} layers  (tokens/layer: vision {case.n_vision}, text {case.n_text}; "
+              f"FD/(trS_V+trS_T) {min(fot):.2e}..{max(fot):.2e}; setup {case.setup_s:.0f} s)")
+        print(C.table(headers, rows))
+        m = case.metrics["f64_exact_median"]
+        fresh_compute(m)
+        fds = m.per_layer_fd().tolist()
+        ex = max(rel(f, r) for f, r in zip(fds, case.fd_ref))
+        print(f"compute() float64 with an exact median buffer (median_buffer={max(case.n_vision, case.n_text)}): "
+              f"max rel err/layer {ex:.2e}  (the default median sketch's share is the difference)\n")
+        summary.append([name, med["compute64"] / med["floor"], rows[0][6], ex, rows[1][6],
+                        med["scipy32"] / med["compute64"], med["eigvals"] / med["compute64"]])
+        if not near and (profile_target is None or d > profile_target.D):
+            profile_target = case
+        else:
+            del case
+
+    print("## Summary")
+    print(C.table(["case", "compute()/floor", "compute() f64 max rel err", "same, exact medians",
+                   "compute() f32-state max rel err", "official accurate / compute()", "eigvals / compute()"], summary))
+    print("Targets: compute()/floor <= 2.5 at D >= 1024; float64 max rel err <= 1e-6.\n")
+
+    if not a.no_profile and profile_target is not None:
+        prows, ops = profile_compute(profile_target.metrics["f64"])
+        print(f"## Where compute() spends its time (D={profile_target.D} x {profile_target.layers} layers, float64 state)")
+        print(C.table(["part", "s", "share"], prows))
+        print("\ntorch.profiler, top aten ops by self CPU time (one compute()):")
+        print(ops)
+    print(f"total wall time {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
