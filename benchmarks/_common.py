@@ -72,10 +72,14 @@ def run_interleaved(
     repeats: int,
     sync: Callable[[], None] | None = None,
     warmup: bool = True,
+    settle: float = 0.1,
 ) -> dict[str, list[float]]:
     """Time every method ``repeats`` times, interleaved: each round calls all methods once,
     in an order rotated from round to round (so slow drifts of the shared machine's load
-    hit all methods alike). One untimed warm-up call each when ``warmup``."""
+    hit all methods alike). One untimed warm-up call each when ``warmup``. Before each timed
+    call the process sleeps ``settle`` seconds, so that the spinning worker threads of the
+    previous call's library (OpenBLAS after scipy, OpenMP after torch) go idle and do not
+    steal the 2 cores from the next method."""
     names = list(methods)
     if warmup:
         for name in names:
@@ -85,6 +89,8 @@ def run_interleaved(
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             gc.collect()
+            if settle:
+                time.sleep(settle)
             times[name].append(time_call(methods[name], sync))
     return times
 

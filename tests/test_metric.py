@@ -237,3 +237,18 @@ def test_float32_state_is_close():
     metric = ModalityIntegrationRate(hidden.shape[0], hidden.shape[-1], outlier_sigma=None, state_dtype=torch.float32)
     feed(metric, hidden, vision, text)
     assert rel(float(metric.per_layer_fd().sum()), ref_fd.sum()) < 1e-4
+
+
+def test_per_modality_normalisation_variant():
+    """The labelled variant scales each modality by its own mean norm (reference: rescale tokens first)."""
+    hidden, vision, text = llm_like_hidden(seed=13)
+    vis = [h[vision].double() for h in hidden]
+    txt = [h[text].double() for h in hidden]
+    # scaling the vision tokens by mean|T|/mean|V| first makes the paper's MIR equal the variant
+    vis_rescaled = [v * (t.norm(dim=1).mean() / v.norm(dim=1).mean()) for v, t in zip(vis, txt)]
+    _, ref_fd, _ = reference_mir(vis_rescaled, txt, 3.0)
+    metric = ModalityIntegrationRate(hidden.shape[0], hidden.shape[-1], normalization="per_modality")
+    feed(metric, hidden, vision, text)
+    assert np.allclose(metric.per_layer_fd().numpy(), ref_fd, rtol=1e-4)
+    with pytest.raises(ValueError, match="normalization"):
+        ModalityIntegrationRate(2, 8, normalization="vision")
