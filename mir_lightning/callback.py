@@ -296,6 +296,11 @@ class MIRCallback(Callback):
         finally:
             if self._capture is not None:
                 self._capture.detach()
+        # agree across ranks before any collective: a rank that failed (or has no metric)
+        # must not leave the others waiting inside compute()'s merge
+        problem = self._failure is not None or self.metric is None
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(problem, all=False) and not problem:
+            self._failure = "another rank failed in this validation run"
         mir, stats = self._compute()
         step = self._logging_step(trainer)
         self._log(pl_module, mir, stats)

@@ -1,0 +1,207 @@
+"""update() throughput of ModalityIntegrationRate against the floor: a bare masked X^T X
+product of the same tokens in the same dtype, accumulated into a D x D buffer.
+
+    python benchmarks/bench_update.py            # D in {512, 1024, 2048}, 4 layers, batches [4, 512, D]
+    python benchmarks/bench_update.py --quick    # D in {256, 512}, 2 layers, < 1 minute
+
+Batches are float32 hidden states [layers, B, T, D] (synthetic LLM-like tokens); per sample a
+32-token prefix (excluded), a vision span of T*5/16 tokens, then a caption of random length,
+then padding: the two masks select ~60% of the positions. Routes, interleaved per round:
+
+* ``update() f64``: ``metric.update(hidden, vision_mask, text_mask)``, float64 state;
+* ``floor f64``: per layer and modality ``x = hidden[k][mask].to(float64)``,
+  ``acc.addmm_(x.T, x)`` -- what any float64 second-moment accumulation must do;
+* the same two with a float32 state and a float32 product.
+
+Throughput counts selected positions (vision + text) per second, all layers of a batch
+processed. The metric is warmed past its exact median buffer first (steady state: the
+histogram path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import _common as C
+from mir_lightning import ModalityIntegrationRate
+
+F64, F32 = torch.float64, torch.float32
+
+
+def make_batches(D: int, layers: int, n_batches: int, B: int, T: int, seed: int, device="cpu"):
+    model = C.SyntheticLLM(D, seed=seed, device=device)
+    g = torch.Generator().manual_seed(seed)
+    prefix, n_vis = 32, (T * 5) // 16
+    batches = []
+    for _ in range(n_batches):
+        vm = torch.zeros(B, T, dtype=torch.bool)
+        tm = torch.zeros(B, T, dtype=torch.bool)
+        vm[:, prefix: prefix + n_vis] = True
+        max_txt = T - prefix - n_vis
+        for b in range(B):
+            n_txt = int(torch.randint(max_txt // 3, max_txt + 1, (1,), generator=g))
+            tm[b, prefix + n_vis: prefix + n_vis + n_txt] = True
+        hidden = torch.empty(layers, B, T, D, device=device)
+        for k in range(layers):
+            h = model.tokens("text", B * T, k).view(B, T, D)
+            h[vm.to(device)] = model.tokens("vision", int(vm.sum()), k)
+            hidden[k] = h
+        batches.append((hidden, vm.to(device), tm.to(device)))
+    return batches
+
+
+class Floor:
+    """Bare masked X^T X per layer and modality, accumulated in ``dtype``."""
+
+    def __init__(self, layers: int, D: int, dtype: torch.dtype, device="cpu") -> None:
+        self.dtype = dtype
+        self.acc = torch.zeros(layers, 2, D, D, dtype=dtype, device=device)
+
+    def update(self, hidden: torch.Tensor, vm: torch.Tensor, tm: torch.Tensor) -> None:
+        for k in range(hidden.shape[0]):
+            for j, mask in enumerate((vm, tm)):
+                x = hidden[k][mask].to(self.dtype)
+                self.acc[k, j].addmm_(x.mT, x)
+
+
+def feeder(target, batches, per_call: int):
+    state = {"i": 0}
+
+    def call() -> None:
+        for _ in range(per_call):
+            hidden, vm, tm = batches[state["i"] % len(batches)]
+            state["i"] += 1
+            target.update(hidden, vm, tm)
+
+    return call
+
+
+def profile_update(metric: ModalityIntegrationRate, batches, runs: int = 3):
+    """Wall-time breakdown of update() by patching the functions _fold calls (median of runs)."""
+    import mir_lightning.metric as M
+
+    acc: dict[str, float] = {}
+    names = {
+        ("M", "moments_update"): "moments_update (centred GEMM + Chan merge)",
+        ("M", "tails_update"): "tails_update x2 (cat + top-k of rows)",
+        ("metric", "_sketch_add"): "median/norm sketches (_sketch_add)",
+        ("M", "histogram_add"): "  of which histogram_add (float64 cast, floor, bincount)",
+        ("metric", "_validate_masks"): "mask validation",
+        ("metric", "_fold"): "_fold total",
+    }
+
+    def wrap(owner, name, key):
+        orig = getattr(owner, name)
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return orig(*a, **kw)
+            finally:
+                acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, name, timed)
+        return owner, name, orig
+
+    samples = []
+    for r in range(runs):
+        acc.clear()
+        patches = [wrap(M if o == "M" else metric, n, key) for (o, n), key in names.items()]
+        try:
+            hidden, vm, tm = batches[r % len(batches)]
+            t0 = time.perf_counter()
+            metric.update(hidden, vm, tm)
+            acc["total"] = time.perf_counter() - t0
+        finally:
+            for owner, name, orig in reversed(patches):
+                if owner is metric:
+                    delattr(owner, name)
+                else:
+                    setattr(owner, name, orig)
+        samples.append(dict(acc))
+    med = {k: C.median([s.get(k, 0.0) for s in samples]) for k in set().union(*samples)}
+    total = med["total"]
+    fold = med.get("_fold total", 0.0)
+    rows = []
+    for key in names.values():
+        if key != "_fold total":
+            rows.append([key, med.get(key, 0.0), med.get(key, 0.0) / total])
+    parts = sum(med.get(names[k], 0.0) for k in (("M", "moments_update"), ("M", "tails_update"), ("metric", "_sketch_add")))
+    rows.append(["rest of _fold (isfinite check, norms, norm sums, casts)", fold - parts, (fold - parts) / total])
+    rows.append(["rest of update (mask indexing hidden[mask], .to(state dtype), loop)", total - fold - med.get(names[("metric", "_validate_masks")], 0.0),
+                 (total - fold - med.get(names[("metric", "_validate_masks")], 0.0)) / total])
+    rows.append(["total update()", total, 1.0])
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        hidden, vm, tm = batches[0]
+        metric.update(hidden, vm, tm)
+    ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40)
+    return rows, ops
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dims", type=int, nargs="+", default=None)
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds")
+    ap.add_argument("--batches-per-call", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-profile", action="store_true")
+    a = ap.parse_args()
+    dims = a.dims or ([256, 512] if a.quick else [512, 1024, 2048])
+    layers = a.layers or (2 if a.quick else 4)
+    repeats = a.repeats or (3 if a.quick else 5)
+    C.setup(a.threads)
+    t_start = time.perf_counter()
+    print(C.machine_info())
+    print(f"bench_update: dims={dims} layers={layers} batches [{a.batch}, {a.seq}, D] float32 input, "
+          f"{a.batches_per_call} batches per timed call, median of {repeats} interleaved rounds\n")
+    headers = ["D", "state", "update() tokens/s", "floor tokens/s", "update / floor", "update s/call (min-max)", "floor s/call"]
+    rows, ratios = [], {}
+    profile_d = None
+    for D in dims:
+        batches = make_batches(D, layers, 3, a.batch, a.seq, a.seed + D)
+        selected = C.median([float(vm.sum() + tm.sum()) for _, vm, tm in batches])
+        frac = selected / (a.batch * a.seq)
+        targets = {
+            "update f64": ModalityIntegrationRate(layers, D),
+            "floor f64": Floor(layers, D, F64),
+            "update f32": ModalityIntegrationRate(layers, D, state_dtype=F32),
+            "floor f32": Floor(layers, D, F32),
+        }
+        for t in targets.values():  # past the exact median buffer: steady state
+            feeder(t, batches, 1)()
+        calls = {k: feeder(t, batches, a.batches_per_call) for k, t in targets.items()}
+        times = C.run_interleaved(calls, repeats, warmup=False)
+        for dt in ("f64", "f32"):
+            tu, tf = C.median(times[f"update {dt}"]), C.median(times[f"floor {dt}"])
+            tok = selected * a.batches_per_call
+            ratios[(D, dt)] = tf / tu
+            rows.append([D, dt, f"{tok / tu:,.0f}", f"{tok / tf:,.0f}", tf / tu,
+                         f"{tu:.3g} ({min(times[f'update {dt}']):.3g}-{max(times[f'update {dt}']):.3g})", f"{tf:.3g}"])
+        print(f"D={D}: {selected:.0f} selected positions per batch ({frac:.0%} of {a.batch}x{a.seq}), {layers} layers", flush=True)
+        if profile_d is None or D == 1024 or (D > profile_d[0] and profile_d[0] != 1024):
+            profile_d = (D, targets["update f64"], batches)
+    print()
+    print(C.table(headers, rows))
+    worst = min(ratios.values())
+    print(f"\nTarget: update / floor >= 0.7 (worst measured: {worst:.2f}).")
+    if not a.no_profile and profile_d is not None:
+        D, metric, batches = profile_d
+        prow, ops = profile_update(metric, batches)
+        print(f"\n## Where update() spends its time (D={D}, {layers} layers, float64 state, one batch)")
+        print(C.table(["part", "s", "share"], prow))
+        print("\ntorch.profiler, top aten ops by self CPU time (one update()):")
+        print(ops)
+    print(f"total wall time {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
