@@ -36,16 +36,16 @@ def cpu_model() -> str:
 
 def machine_info(device: str = "cpu") -> str:
     """One line: CPU model, visible cores, torch/numpy/scipy versions, threads, load."""
-    import numpy
-    try:
-        import scipy
-        scipy_version = scipy.__version__
-    except ImportError:  # pragma: no cover
-        scipy_version = "n/a"
+    versions = {}
+    for lib in ("numpy", "scipy"):
+        try:
+            versions[lib] = __import__(lib).__version__
+        except ImportError:  # pragma: no cover
+            versions[lib] = "n/a"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     line = (
-        f"CPU: {cpu_model()} ({os.cpu_count()} visible cores) | torch {torch.__version__} | numpy {numpy.__version__} | "
-        f"scipy {scipy_version} | torch threads {torch.get_num_threads()} | load avg at start {load}"
+        f"CPU: {cpu_model()} ({os.cpu_count()} visible cores) | torch {torch.__version__} | numpy {versions['numpy']} | "
+        f"scipy {versions['scipy']} | torch threads {torch.get_num_threads()} | load avg at start {load}"
     )
     if device.startswith("cuda") and torch.cuda.is_available():
         line += f" | GPU: {torch.cuda.get_device_name()}"

@@ -30,51 +30,11 @@ import scipy.linalg
 import torch
 
 import _common as C
+from _reference import bures_fd, feed, layer_stats
 from mir_lightning import ModalityIntegrationRate
 from mir_lightning.functional import frechet_distance
 
 F64, F32 = torch.float64, torch.float32
-
-
-# --------------------------------------------------------------------------- reference math
-def outlier_rule(x: torch.Tensor, sigma: float = 3.0) -> torch.Tensor:
-    """MIR.md step 3 on materialised rows, in x's dtype (lower medians, unbiased std)."""
-    norms = x.norm(dim=1)
-    mask = (norms - norms.median()).abs() > sigma * norms.std()
-    if bool(mask.any()):
-        x = x.clone()
-        x[mask] = x.median(dim=0).values
-    return x
-
-
-def mean_cov(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mu = x.mean(0)
-    xc = x - mu
-    return mu, (xc.mT @ xc) / (x.shape[0] - 1)
-
-
-def layer_stats(vision: torch.Tensor, text: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Scale, 3-sigma rule, means and covariances of one layer, all in ``dtype``."""
-    v, t = vision.to(dtype), text.to(dtype)
-    scale = 1.0 / t.norm(dim=1).mean()
-    v, t = outlier_rule(v * scale), outlier_rule(t * scale)
-    mu_v, s_v = mean_cov(v)
-    mu_t, s_t = mean_cov(t)
-    return {"mu_v": mu_v, "S_v": s_v, "mu_t": mu_t, "S_t": s_t}
-
-
-def sqrt_sym(s: torch.Tensor) -> torch.Tensor:
-    w, q = torch.linalg.eigh(s)
-    return (q * w.clamp_min(0).sqrt()) @ q.mT
-
-
-def bures_fd(mu1, s1, mu2, s2) -> float:
-    """Cancellation-free float64 FD: ||dmu||^2 + min_U ||S1^(1/2) - S2^(1/2) U||_F^2."""
-    a, b = sqrt_sym(s1), sqrt_sym(s2)
-    p, _, qh = torch.linalg.svd(a @ b)
-    resid = a - b @ (qh.mT @ p.mT)
-    diff = mu1 - mu2
-    return float((diff * diff).sum() + (resid * resid).sum())
 
 
 # --------------------------------------------------------------------------- routes under test
@@ -128,17 +88,6 @@ class Case:
     fd_ref: list[float] = field(default_factory=list)
     fd_over_trace: list[float] = field(default_factory=list)
     setup_s: float = 0.0
-
-
-def feed(metric: ModalityIntegrationRate, k: int, vision: torch.Tensor, text: torch.Tensor, chunk: int = 512) -> None:
-    """Stream one layer's tokens as batches [1, <=2*chunk, D] (vision rows, then text rows)."""
-    nv, nt = vision.shape[0], text.shape[0]
-    for i in range(max(math.ceil(nv / chunk), math.ceil(nt / chunk))):
-        v, t = vision[i * chunk:(i + 1) * chunk], text[i * chunk:(i + 1) * chunk]
-        hidden = torch.cat([v, t])[None]
-        vm = torch.zeros(1, hidden.shape[1], dtype=torch.bool)
-        vm[0, : v.shape[0]] = True
-        metric.update_layer(k, hidden, vm, ~vm)
 
 
 def build_case(name: str, D: int, layers: int, near_identical: bool, seed: int) -> Case:

@@ -67,7 +67,7 @@ def main() -> int:
         print(f"device: {torch.cuda.get_device_name(dev)} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}")
     print(f"gpu_check: D={D} x {L} layers on {dev}\n")
 
-    import bench_compute as BC  # reference math (same folder)
+    import _reference as BC  # reference math (same folder, torch only)
     import bench_update as BU
 
     # ---- warm-up of every route on a small case (kernels, cuBLAS/cuSOLVER handles)

@@ -64,6 +64,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 12; tiny: 8)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the projector")
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--projector", choices=["mlp", "linear"], default="mlp",
+                   help="trainable connector: LLaVA-1.5 MLP (Linear-GELU-Linear) or one Linear layer")
+    p.add_argument("--corrupt-frac", type=float, default=0.0,
+                   help="fraction of TRAINING captions whose digit word is replaced by a random wrong digit "
+                        "(the probe is never corrupted)")
     p.add_argument("--n-train", type=int, default=None,
                    help="training images (default 1800 = 150 steps x 12; tiny: 160)")
     p.add_argument("--n-val", type=int, default=None,
@@ -190,6 +195,18 @@ def split_indices(labels: torch.Tensor, n_train: int, n_val: int, seed: int):
     if n_train > len(rest):
         raise SystemExit(f"--n-train {n_train} > {len(rest)} available images")
     return rest[:n_train], sorted(val, key=lambda i: (int(labels[i]), i))
+
+
+def corrupt_labels(labels: torch.Tensor, frac: float, seed: int) -> torch.Tensor:
+    """A copy of `labels` where a fixed random `frac` of the entries is replaced by a random *wrong* digit."""
+    if not 0.0 <= frac <= 1.0:
+        raise ValueError(f"corruption fraction must be in [0, 1], got {frac}")
+    g = torch.Generator().manual_seed(10_007 + seed)
+    out = labels.clone()
+    hit = torch.rand(len(labels), generator=g) < frac
+    shift = torch.randint(1, 10, (len(labels),), generator=g)
+    out[hit] = (labels[hit] + shift[hit]) % 10
+    return out
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -366,14 +383,20 @@ def build_module_class():
         """Frozen LLM + trainable projector. Checkpoints hold only the projector (and optimizer)."""
 
         def __init__(self, llm, feature_dim: int, prefix_ids: list[int], digit_token_ids: list[int],
-                     lr: float = 3e-3, weight_decay: float = 0.0, use_kv_cache: bool = True):
+                     lr: float = 3e-3, weight_decay: float = 0.0, use_kv_cache: bool = True,
+                     projector: str = "mlp"):
             super().__init__()
             self.save_hyperparameters(ignore=["llm"])
             self.llm = llm
             self.llm.requires_grad_(False)
             self.llm.eval()
             H = llm.config.hidden_size
-            self.projector = nn.Sequential(nn.Linear(feature_dim, H), nn.GELU(), nn.Linear(H, H))
+            if projector == "mlp":
+                self.projector = nn.Sequential(nn.Linear(feature_dim, H), nn.GELU(), nn.Linear(H, H))
+            elif projector == "linear":
+                self.projector = nn.Linear(feature_dim, H)
+            else:
+                raise ValueError(f"projector must be 'mlp' or 'linear', got {projector!r}")
             self.register_buffer("digit_token_ids", torch.tensor(digit_token_ids), persistent=False)
             self.register_buffer("prefix_ids", torch.tensor(prefix_ids), persistent=False)
             self._prefix_kv = None
@@ -454,12 +477,16 @@ def build_module_class():
             bs = len(batch["digit"])
             loss = self.caption_loss(hidden, batch["targets"])
             h = hidden[torch.arange(bs, device=hidden.device), batch["digit_pos"]]
-            digit_logits = self.llm.get_output_embeddings()(h)[:, self.digit_token_ids]
+            vocab_logits = self.llm.get_output_embeddings()(h).float()
+            digit_logits = vocab_logits[:, self.digit_token_ids]
             acc = (digit_logits.argmax(-1) == batch["digit"]).float().mean()
+            # cross-entropy (full vocabulary) of the digit word's first token: the caption's informative part
+            digit_loss = F.cross_entropy(vocab_logits, self.digit_token_ids[batch["digit"]])
             # the projector's output scale drives MIR (see README): log it next to MIR
             text_norm = emb[batch["text_mask"]].norm(dim=-1).mean()
             self.log("val/caption_loss", loss, prog_bar=True, batch_size=bs)
             self.log("val/digit_acc", acc, prog_bar=True, batch_size=bs)
+            self.log("val/digit_loss", digit_loss, batch_size=bs)
             self.log("val/image_token_norm", img.norm(dim=-1).mean(), batch_size=bs)
             self.log("val/text_embedding_norm", text_norm, batch_size=bs)
 
@@ -605,7 +632,11 @@ def main(argv=None):
     feats = cached_features(encoder, images, train_idx + val_idx, tag, cache_dir, 28 if args.tiny else args.image_size)
     del encoder
     n_tr = len(train_idx)
-    train_ds = FeatureDataset(feats[:n_tr], labels[train_idx])
+    train_labels = labels[train_idx]
+    if args.corrupt_frac > 0:
+        train_labels = corrupt_labels(train_labels, args.corrupt_frac, args.seed)
+        print(f"[data] {int((train_labels != labels[train_idx]).sum())} of {n_tr} training captions corrupted")
+    train_ds = FeatureDataset(feats[:n_tr], train_labels)
     val_ds = FeatureDataset(feats[n_tr:], labels[val_idx])
     print(f"[data] {n_tr} train / {len(val_idx)} probe images, {feats.shape[1]} image tokens x {feats.shape[2]} dims "
           f"({time.time() - t0:.1f}s)")
@@ -623,7 +654,8 @@ def main(argv=None):
 
     Module = build_module_class()
     model = Module(llm, feature_dim=feats.shape[2], prefix_ids=layout.prefix, digit_token_ids=layout.digit_token_ids,
-                   lr=args.lr, weight_decay=args.weight_decay, use_kv_cache=not args.no_kv_cache)
+                   lr=args.lr, weight_decay=args.weight_decay, use_kv_cache=not args.no_kv_cache,
+                   projector=args.projector)
 
     version = None  # a resumed run keeps logging into the run it came from (runs/<name>/version_N/checkpoints/x.ckpt)
     if args.resume:

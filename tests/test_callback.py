@@ -181,9 +181,29 @@ def _ddp_fit(tmp):
     return float(results[0]["mir"])
 
 
+def _masks_failing_on_rank_one(batch):
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank one fails")
+    from lightning_helpers import official_masks
+
+    return official_masks(batch)
+
+
+def _ddp_one_rank_fails():
+    cb = MIRCallback(masks=_masks_failing_on_rank_one)
+    trainer = pl.Trainer(strategy="ddp_spawn", accelerator="cpu", devices=2, logger=False, callbacks=[cb],
+                         enable_progress_bar=False, enable_model_summary=False)
+    results = trainer.validate(LazyTinyLlava(), loader(make_batches(n_batches=4)), verbose=False)
+    return float(results[0]["mir"])
+
+
 def test_ddp_spawn_two_processes_equal_one(tmp_path):
     module = TinyLlava()
     batches = make_batches(n_batches=4)
     ref_mir, _, _ = reference_for(module, batches)
     mir = _ddp_fit(tmp_path)
     assert abs(mir - ref_mir) < 1e-5
+    # a failure on one rank: every rank logs NaN, nobody hangs in the merge
+    assert math.isnan(_ddp_one_rank_fails())
