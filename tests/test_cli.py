@@ -32,6 +32,7 @@ from PIL import Image  # noqa: E402
 from mir_lightning.cli import main, parse_layers, UserError  # noqa: E402
 from mir_lightning.probe_data import probe_image_array  # noqa: E402
 
+from reference import reference_layer  # noqa: E402
 from vlm_factory import (  # noqa: E402
     IMAGE_TOKEN_ID,
     make_tiny_tokenizer,
@@ -79,45 +80,17 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 # ----------------------------------------------------------------------------- reference
-def _lower_median(x: np.ndarray) -> np.ndarray:
-    """torch.median semantics along axis 0: the lower middle value for an even count."""
-    return np.sort(x, axis=0)[(x.shape[0] - 1) // 2]
-
-
-def _replace_outliers(x: np.ndarray, sigma: float = 3.0) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1)
-    bad = np.abs(norms - _lower_median(norms)) > sigma * norms.std(ddof=1)
-    x = x.copy()
-    x[bad] = _lower_median(x)
-    return x
-
-
 def reference_fd(vision: np.ndarray, text: np.ndarray, sqrt_mode: str = "exact") -> float:
-    """The official per-layer FD in float64 (text-centric scale, 3-sigma rule, sqrtm)."""
-    scale = 1.0 / np.linalg.norm(text, axis=1).mean()
-    v = _replace_outliers(vision * scale)
-    t = _replace_outliers(text * scale)
-    mu_v, mu_t = v.mean(0), t.mean(0)
-    s_v, s_t = np.cov(v, rowvar=False, ddof=1), np.cov(t, rowvar=False, ddof=1)
-    if sqrt_mode == "exact":
-        cross = np.trace(scipy_linalg.sqrtm(s_v @ s_t).real)
-    else:  # the official "fast" iteration returns its input: tr(S_V S_T)
-        cross = np.trace(s_v @ s_t)
-    return float(((mu_v - mu_t) ** 2).sum() + np.trace(s_v) + np.trace(s_t) - 2 * cross)
+    """The official per-layer FD in float64 (tests/reference.py)."""
+    return reference_layer(vision, text, 3.0, fast=sqrt_mode != "exact")["fd"]
 
 
-def reference_run(
-    model_dir: Path, data_dir: Path, n: int, batch_size: int, text_mode: str = "after_image",
-    sqrt_mode: str = "exact",
-) -> tuple[float, list[float]]:
-    """Independent MIR: same prompts and batches as the command, float64 numpy statistics."""
+def command_batches(model_dir: Path, data_dir: Path, n: int, batch_size: int) -> list[dict]:
+    """The batches the command builds: one image + one text per sample, chat template if any."""
     processor = transformers.AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-    model = transformers.AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True).eval()
-    image_token = model.config.image_token_id
     paths = sorted((data_dir / "images").glob("*.png"))[:n]
     texts = SHORT_TEXTS[:n]
-    vis_rows: list[list[np.ndarray]] = []
-    txt_rows: list[list[np.ndarray]] = []
+    batches = []
     for start in range(0, n, batch_size):
         idx = range(start, min(n, start + batch_size))
         images = [[Image.open(paths[i]).convert("RGB")] for i in idx]
@@ -133,6 +106,20 @@ def reference_run(
             prompts = [processor.image_token + texts[i] for i in idx]
         enc = dict(processor(images=images, text=prompts, padding=True, return_tensors="pt"))
         enc.pop("labels", None)
+        batches.append(enc)
+    return batches
+
+
+def reference_run(
+    model_dir: Path, data_dir: Path, n: int, batch_size: int, text_mode: str = "after_image",
+    sqrt_mode: str = "exact",
+) -> tuple[float, list[float]]:
+    """Independent MIR: same prompts and batches as the command, float64 numpy statistics."""
+    model = transformers.AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True).eval()
+    image_token = model.config.image_token_id
+    vis_rows: list[list[np.ndarray]] = []
+    txt_rows: list[list[np.ndarray]] = []
+    for enc in command_batches(model_dir, data_dir, n, batch_size):
         with torch.no_grad():
             hidden = model(**enc, output_hidden_states=True).hidden_states[1:]
         ids = enc["input_ids"].numpy()
@@ -360,3 +347,35 @@ def test_parse_layers():
     for bad in ("x", "9", "1:2:3:4", "5:"):
         with pytest.raises(UserError, match="--layers"):
             parse_layers(bad, 4)
+
+
+def test_cli_equals_callback_on_same_data(model_dirs, data_dir, tmp_path):
+    """The command and MIRCallback (hooks inside a Trainer) agree on the same batches."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from mir_lightning import MIRCallback
+
+    n, batch, _ = CASES["llava"]
+    rc, result = _run([
+        "evaluate", str(model_dirs["llava"]), "--images", str(data_dir / "images"),
+        "--texts", str(data_dir / "texts.txt"), "--num-samples", str(n), "--batch-size", str(batch),
+        "--out", str(tmp_path / "r.json"), "--no-progress",
+    ])
+    assert rc == 0
+
+    class Wrapper(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = transformers.AutoModelForImageTextToText.from_pretrained(model_dirs["llava"], local_files_only=True)
+
+        def validation_step(self, batch, batch_idx):
+            self.model(**batch)
+
+    callback = MIRCallback()
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[callback], enable_progress_bar=False,
+                         enable_model_summary=False)
+    batches = command_batches(model_dirs["llava"], data_dir, n, batch)
+    trainer.validate(Wrapper(), DataLoader(batches, batch_size=None), verbose=False)
+    assert callback.history[-1]["mir"] == pytest.approx(result["mir"], rel=1e-9)  # float64 in the history
+    assert float(trainer.callback_metrics["mir"]) == pytest.approx(result["mir"], rel=1e-6)  # logged as float32

