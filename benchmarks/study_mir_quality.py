@@ -69,12 +69,14 @@ class RunSpec:
     main: bool = False
 
 
-def run_specs(n_main_seeds: int = 2) -> list[RunSpec]:
+def run_specs(n_main_seeds: int = 3, lr_sweep: bool = True) -> list[RunSpec]:
+    """The main setting (n seeds), learning rates, strong weight decay, a linear projector and
+    90% wrong captions; ``lr_sweep=False`` (quick mode) keeps only lr 3e-4 and 3e-2."""
     runs = [RunSpec("main_s0", "main (MLP, lr 3e-3), seed 0", main=True)]
     runs += [RunSpec(f"main_s{s}", f"main, seed {s}", seed=s) for s in range(1, n_main_seeds)]
+    lrs = (1e-4, 3e-4, 1e-3, 1e-2, 3e-2) if lr_sweep else (3e-4, 3e-2)
+    runs += [RunSpec(f"lr{lr:.0e}".replace("e-0", "e-"), f"lr {lr:.0e}".replace("e-0", "e-"), lr=lr) for lr in lrs]
     runs += [
-        RunSpec("lr3e-4", "lr 3e-4 (under-trained)", lr=3e-4),
-        RunSpec("lr3e-2", "lr 3e-2", lr=3e-2),
         RunSpec("wd10", "AdamW weight decay 10", weight_decay=10.0),
         RunSpec("linear", "linear projector", projector="linear"),
         RunSpec("corrupt90", "90% wrong captions", corrupt=0.9),
@@ -101,9 +103,13 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true",
                    help="random tiny parts of the example (automatic when the weight packages are missing)")
     p.add_argument("--out", default=None, help=f"output folder (default {DEFAULT_OUT}; --quick: runs/study_quick)")
-    p.add_argument("--steps", type=int, default=None, help="training steps of every run (default 120; quick 10)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of every run (default 78; quick 10)")
     p.add_argument("--main-points", type=int, default=None,
-                   help="validations of the main run after step 0, evenly spaced (default 6; quick 5)")
+                   help="validations of the main run within --steps, evenly spaced (default 6; quick 5)")
+    p.add_argument("--main-steps", type=int, default=None,
+                   help="the main run goes on to this step, validating at the same interval, to show the "
+                        "curve past the common budget (default 2 x --steps; quick: --steps); all runs are "
+                        "compared at --steps")
     p.add_argument("--seeds", type=int, default=None, help="seeds of the main setting (default 3; quick 2)")
     p.add_argument("--probe", type=int, default=None,
                    help="held-out probe size, a multiple of 10 (default 100; quick 20; tiny 40)")
@@ -119,9 +125,13 @@ def parse_args(argv=None):
         a.tiny = True
     q, t = a.quick, a.tiny
     if a.steps is None:
-        a.steps = 10 if q else (20 if t else 120)
+        a.steps = 10 if q else (20 if t else 78)
     if a.main_points is None:
         a.main_points = 5 if q else 6
+    if a.main_steps is None:
+        a.main_steps = a.steps if q else 2 * a.steps
+    if a.main_steps < a.steps:
+        p.error("--main-steps must be >= --steps")
     if a.seeds is None:
         a.seeds = 2 if q else 3
     if a.probe is None:
@@ -194,6 +204,36 @@ def _layers(pl_module):
     return find_hidden_state_modules(pl_module.llm)
 
 
+def _Timer():
+    import lightning as L
+
+    class Timer(L.Callback):
+        """Seconds per training step and per validation run (MIR of both callbacks included)."""
+
+        def __init__(self):
+            self.train, self.val, self._t = [], [], None
+
+        def on_train_batch_start(self, *args):
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, *args):
+            self.train.append(time.perf_counter() - self._t)
+
+        def on_validation_epoch_start(self, *args):
+            self._v = time.perf_counter()
+
+        def on_validation_end(self, *args):  # after every callback's on_validation_epoch_end (MIR computed)
+            self.val.append(time.perf_counter() - self._v)
+
+        def train_step_s(self):
+            return float(np.median(self.train)) if self.train else math.nan
+
+        def validation_s(self):
+            return float(np.median(self.val)) if self.val else math.nan
+
+    return Timer()
+
+
 def run_one(ex, parts: Parts, spec: RunSpec, steps: int, val_every: int, batch_size: int) -> dict:
     import lightning as L
     import torch
@@ -216,12 +256,14 @@ def run_one(ex, parts: Parts, spec: RunSpec, steps: int, val_every: int, batch_s
                    use_kv_cache=True, projector=spec.projector)
     history = ex.build_history_callback()
     # the validation set IS the fixed probe: both callbacks capture its batches through layer hooks
-    mir_cb = MIRCallback(layers=_layers, name="mir", log_layer_stats=(), log_figures=False)
+    # median_buffer above the probe's token counts (900 + 900): the outlier rule's median row is exact
+    mir_cb = MIRCallback(layers=_layers, name="mir", log_layer_stats=(), log_figures=False, median_buffer=1024)
     pm_cb = MIRCallback(layers=_layers, name="mir_pm", normalization="per_modality", log_layer_stats=(),
-                        log_figures=False)
+                        log_figures=False, median_buffer=1024)
+    timer = _Timer()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1,
                         val_check_interval=val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-                        logger=False, enable_checkpointing=False, callbacks=[mir_cb, pm_cb, history],
+                        logger=False, enable_checkpointing=False, callbacks=[timer, mir_cb, pm_cb, history],
                         enable_model_summary=False, enable_progress_bar=False)
     t0 = time.time()
     with warnings.catch_warnings():
@@ -233,7 +275,8 @@ def run_one(ex, parts: Parts, spec: RunSpec, steps: int, val_every: int, batch_s
     rows = merge_rows(history.rows, mir_cb.history, pm_cb.history)
     del trainer, model, mir_cb, pm_cb
     gc.collect()
-    return {"spec": asdict(spec), "rows": rows, "wall_s": wall}
+    return {"spec": asdict(spec), "rows": rows, "wall_s": wall, "train_step_s": timer.train_step_s(),
+            "validation_s": timer.validation_s()}
 
 
 def merge_rows(hist_rows, mir_hist, pm_hist) -> list[dict]:
@@ -262,6 +305,14 @@ def merge_rows(hist_rows, mir_hist, pm_hist) -> list[dict]:
             )
         rows.append(row)
     return rows
+
+
+def final_row(run: dict, steps: int) -> dict:
+    """The run's validation at the common step budget (the main run goes on past it)."""
+    for row in run["rows"]:
+        if row["step"] == steps:
+            return row
+    raise KeyError(f"run {run['spec']['name']} has no validation at step {steps}")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -304,6 +355,7 @@ CORRELATIONS = [  # (x, y, group)
     ("acc", "img_norm", "accuracy vs MIR's drivers"),
     ("mir", "img_norm", "what MIR follows"), ("mir", "norm_ratio_mean", "what MIR follows"),
     ("mir", "mean_share", "what MIR follows"),
+    ("mir_pm", "img_norm", "what the variants follow"), ("mir_cov", "img_norm", "what the variants follow"),
 ]
 NAMES = {"mir": "MIR (paper)", "mir_pm": "MIR per-modality (variant)", "mir_cov": "MIR covariance-only (variant)",
          "acc": "digit accuracy", "caption_loss": "caption loss", "digit_loss": "digit-token loss",
@@ -316,14 +368,29 @@ def plateau_stop(values, patience: int, band: float):
     `band`) would stop, replayed on a recorded curve; None when it never fires."""
     for i in range(patience, len(values)):
         window = values[i - patience:i + 1]
-        if max(window) - min(window) <= band:
+        if max(window) - min(window) <= band + 1e-9:  # float64 replay of values the rule sees as float32
             return i
+    return None
+
+
+def min_stop(values, patience: int, min_delta: float):
+    """Index where Lightning's classic rule (``mode="min"``: `patience` checks in a row without a
+    decrease of at least `min_delta` below the best so far) would stop; None when it never fires."""
+    best, wait = math.inf, 0
+    for i, v in enumerate(values):
+        if v < best - min_delta:
+            best, wait = v, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                return i
     return None
 
 
 def analyse(results: dict, n_boot: int) -> dict:
     runs = results["runs"]
-    final = {k: [r["rows"][-1].get(k, math.nan) for r in runs] for k in NAMES}
+    steps = results["config"]["steps"]
+    final = {k: [final_row(r, steps).get(k, math.nan) for r in runs] for k in NAMES}
     corr = []
     for i, (x, y, group) in enumerate(CORRELATIONS):
         c = spearman_boot(final[x], final[y], n_boot, seed=1000 + i)
@@ -342,14 +409,17 @@ def analyse(results: dict, n_boot: int) -> dict:
     along = {m: spearman_boot([r[m] for r in mrows], [r["acc"] for r in mrows], 0)["rho"] for m in METRICS}
     fd = np.array([r["fd"] for r in mrows])
     early = []
-    fit_rows = [r for r in main["rows"] if r["step"] > 0]  # what MIREarlyStopping sees inside fit
-    for patience, band in ((2, 0.05), (3, 0.05), (2, 0.1)):
-        for m in METRICS:
-            i = plateau_stop([r[m] for r in fit_rows], patience, band)
-            early.append({"metric": m, "patience": patience, "min_delta": band,
-                          "stop_step": None if i is None else fit_rows[i]["step"],
-                          "acc_at_stop": None if i is None else fit_rows[i]["acc"],
-                          "final_step": fit_rows[-1]["step"], "final_acc": fit_rows[-1]["acc"]})
+    fit_rows = [r for r in main["rows"] if r["step"] > 0]  # what an early-stopping callback sees inside fit
+    rules = [("plateau", m, p, d) for m in METRICS for p, d in ((2, 0.05), (3, 0.05), (3, 0.1))]
+    rules += [("min", "mir", 3, 0.05), ("min", "caption_loss", 3, 0.01), ("min", "digit_loss", 3, 0.01)]
+    for rule, m, patience, band in rules:
+        values = [r[m] for r in fit_rows]
+        i = plateau_stop(values, patience, band) if rule == "plateau" else min_stop(values, patience, band)
+        early.append({"rule": rule, "metric": m, "patience": patience, "min_delta": band,
+                      "stop_step": None if i is None else fit_rows[i]["step"],
+                      "acc_at_stop": None if i is None else fit_rows[i]["acc"],
+                      "final_step": fit_rows[-1]["step"], "final_acc": fit_rows[-1]["acc"],
+                      "best_acc": max(r["acc"] for r in fit_rows)})
     layer_share = fd / fd.sum(1, keepdims=True)
     return {"correlations": corr, "ranking": ranking, "along_main_run": along, "early_stopping": early,
             "main_fd_share_by_layer_final": list(map(float, layer_share[-1])),
@@ -386,6 +456,12 @@ def make_figures(results: dict, out: Path) -> dict:
     ax2.set_ylim(0, 1)
     ax.set_title("main run: MIR and accuracy", fontsize=10)
     ax.grid(alpha=0.3)
+    budget = results["config"]["steps"]
+    if budget < steps[-1]:
+        for a_ in axes:
+            a_.axvline(budget, color="gray", lw=0.8, ls=":")
+        ax.annotate(" budget of\n the other runs", (budget, 0.03), xycoords=("data", "axes fraction"), fontsize=7,
+                    ha="left", va="bottom", color="gray")
     ax = axes[1]
     for m, c in zip(METRICS, ("C0", "C1", "C2")):
         ax.plot(steps, [r[m] for r in rows], "o-", color=c, label=SHORT[m])
@@ -403,10 +479,13 @@ def make_figures(results: dict, out: Path) -> dict:
     ax3 = ax.twinx()
     ax3.plot(steps, [r["img_norm"] for r in rows], "^:", color="C4", label="projector output norm")
     ax3.set_ylabel("projector output norm", color="C4")
-    ax.legend(fontsize=8, loc="upper center")
+    h1, l1 = ax.get_legend_handles_labels()
+    h3, l3 = ax3.get_legend_handles_labels()
+    ax.legend(h1 + h3, l1 + l3, fontsize=8, loc="lower left")
     ax.set_title("losses and projector norm", fontsize=10)
     ax.grid(alpha=0.3)
-    fig.suptitle(f"main run ({main['spec']['label']}); probe of {results['config']['probe']} held-out digits",
+    fig.suptitle(f"main run ({main['spec']['label']}), validation every {results['config']['main_val_every']} "
+                 f"steps; probe of {results['config']['probe']} held-out digits",
                  fontsize=10)
     fig.tight_layout()
     paths["main_curves"] = out / "main_run_curves.png"
@@ -414,13 +493,15 @@ def make_figures(results: dict, out: Path) -> dict:
     plt.close(fig)
 
     # 2. final MIR (and variants) against accuracy across runs
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     corr = {(c["x"], c["y"]): c for c in results["analysis"]["correlations"]}
+    colors = plt.get_cmap("tab20")
+    markers = "os^vDP*Xph<>"
     for ax, m in zip(axes, METRICS):
         for i, r in enumerate(runs):
-            f = r["rows"][-1]
-            ax.scatter(f["acc"], f[m], s=40, color=f"C{i % 10}", marker="o" if r["spec"]["main"] else "s")
-            ax.annotate(r["spec"]["name"], (f["acc"], f[m]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            f = final_row(r, results["config"]["steps"])
+            ax.scatter(f["acc"], f[m], s=45, color=colors(i % 20), marker=markers[i % len(markers)],
+                       edgecolor="k", linewidth=0.4, label=r["spec"]["name"])
         c = corr[(m, "acc")]
         ax.set_title(f"{METRICS[m]}\nSpearman {c['rho']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]", fontsize=9)
         ax.set_xlabel("final digit accuracy")
@@ -428,7 +509,9 @@ def make_figures(results: dict, out: Path) -> dict:
         ax.grid(alpha=0.3)
     fig.suptitle(f"final values after {results['config']['steps']} steps, one point per run "
                  "(a metric that tracks quality falls to the right)", fontsize=10)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
     paths["mir_vs_acc"] = out / "mir_vs_accuracy.png"
     fig.savefig(paths["mir_vs_acc"], dpi=90)
     plt.close(fig)
@@ -457,7 +540,9 @@ def make_figures(results: dict, out: Path) -> dict:
     axes[0].set_yscale("log")
     axes[0].set_xlabel("training step")
     axes[0].set_ylabel("mean vision-token norm / mean text-token norm")
-    axes[0].set_title("per layer (colour: layer, dark = first)", fontsize=10)
+    axes[0].set_title("per layer", fontsize=10)
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, n_layers - 1))
+    fig.colorbar(sm, ax=axes[0], label="LLM layer")
     axes[0].axhline(1.0, color="k", lw=0.8, ls="--")
     axes[0].grid(alpha=0.3)
     scmap = plt.get_cmap("plasma")
@@ -469,6 +554,11 @@ def make_figures(results: dict, out: Path) -> dict:
     axes[1].axhline(1.0, color="k", lw=0.8, ls="--")
     axes[1].legend(fontsize=7, ncol=2)
     axes[1].grid(alpha=0.3)
+    from matplotlib.ticker import FuncFormatter
+
+    for a_ in axes:  # plain numbers on the log axis
+        a_.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        a_.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "235" else ""))
     fig.suptitle("main run: vision/text norm ratio, the scale gap that text-centric MIR keeps", fontsize=10)
     fig.tight_layout()
     paths["norm_ratio"] = out / "norm_ratio_main.png"
@@ -486,84 +576,123 @@ def _ci(c):
     return f"{_f(c['rho'], '{:+.2f}')} [{_f(c['lo'], '{:+.2f}')}, {_f(c['hi'], '{:+.2f}')}]"
 
 
+def _verdict(c, want_negative: bool = True) -> str:
+    """Plain reading of a Spearman rho and its bootstrap interval."""
+    if not math.isfinite(c["rho"]):
+        return "cannot be judged (a column is constant, so Spearman is undefined)"
+    rho = c["rho"] if want_negative else -c["rho"]  # > 0 here: the wrong way
+    excludes_zero = c["hi"] < 0 or c["lo"] > 0
+    if rho <= -0.3 and excludes_zero:
+        return "tracks quality"
+    if abs(rho) < 0.3:
+        return "does not track quality (rho near 0)"
+    if rho < 0:
+        return "leans the right way, but weakly (the interval includes 0)"
+    return "goes the wrong way" + (" (the interval excludes 0)" if excludes_zero else "")
+
+
 def findings(results: dict) -> list[str]:
     """Plain findings, worded from the numbers (so a rerun cannot leave stale claims)."""
     a = results["analysis"]
     corr = {(c["x"], c["y"]): c for c in a["correlations"]}
     runs = results["runs"]
-    fin = {r["spec"]["name"]: r["rows"][-1] for r in runs}
+    steps = results["config"]["steps"]
+    fin = {r["spec"]["name"]: final_row(r, steps) for r in runs}
     main = next(r for r in runs if r["spec"]["main"])
     mrows = [r for r in main["rows"] if "fd" in r]
+    fit_steps = [r["step"] for r in main["rows"] if r["step"] > 0]
     out = []
 
-    def verdict(c, want_negative=True):
-        if not math.isfinite(c["rho"]):
-            return "undefined"
-        sign_ok = c["rho"] < 0 if want_negative else c["rho"] > 0
-        excl = (c["hi"] < 0) if want_negative else (c["lo"] > 0)
-        if sign_ok and excl:
-            return "tracks quality (interval excludes 0)"
-        if sign_ok:
-            return "leans the right way, but the interval includes 0"
-        if (c["lo"] > 0) if want_negative else (c["hi"] < 0):
-            return "goes the WRONG way (interval excludes 0)"
-        return "does not track quality (wrong sign or ~0)"
-
     c = corr[("mir", "acc")]
+    lowest = min(fin, key=lambda k: fin[k]["mir"])
+    worst = min(fin, key=lambda k: fin[k]["acc"])
+    best = max(fin, key=lambda k: fin[k]["acc"])
     out.append(
-        f"**Across runs, MIR {verdict(c)}.** Spearman(final MIR, accuracy) = {_ci(c)} over {c['n']} runs; "
-        f"a metric that tracks quality would be strongly negative. Spearman(MIR, caption loss) = "
-        f"{_ci(corr[('mir', 'caption_loss')])} (should be positive)."
+        f"**Across runs, the paper's MIR {_verdict(c)}.** Spearman(final MIR, accuracy) = {_ci(c)} over {c['n']} "
+        f"runs (a metric that tracks quality would be strongly negative); Spearman(MIR, caption loss) = "
+        f"{_ci(corr[('mir', 'caption_loss')])} and (MIR, digit-token loss) = {_ci(corr[('mir', 'digit_loss')])} "
+        f"(both should be positive). The lowest MIR ({fin[lowest]['mir']:.2f}) belongs to {lowest} "
+        f"(accuracy {fin[lowest]['acc']:.2f}); the worst run, {worst} (accuracy {fin[worst]['acc']:.2f}), has MIR "
+        f"{fin[worst]['mir']:.2f}, and the best, {best} (accuracy {fin[best]['acc']:.2f}), {fin[best]['mir']:.2f}."
     )
+    if "main_s0" in fin and "corrupt90" in fin:
+        m0, cr = fin["main_s0"], fin["corrupt90"]
+        out.append(
+            f"**Wrong captions are invisible to MIR:** with 90% wrong captions accuracy is {cr['acc']:.2f} against "
+            f"{m0['acc']:.2f} for the same setting on correct captions, but MIR is {cr['mir']:.2f} against "
+            f"{m0['mir']:.2f} (projector norm {cr['img_norm']:.0f} vs {m0['img_norm']:.0f})."
+        )
     ci, cn, cm = corr[("mir", "img_norm")], corr[("mir", "norm_ratio_mean")], corr[("mir", "mean_share")]
-    tracks = max(((abs(x["rho"]) if math.isfinite(x["rho"]) else -1, lab, x) for lab, x in
-                  (("the projector's output norm", ci), ("the mean vision/text norm ratio", cn),
-                   ("the mean-term share of the FD sum", cm))), key=lambda t: t[0])
+    lr_runs = sorted((r["spec"]["lr"], r["spec"]["name"]) for r in runs
+                     if r["spec"]["projector"] == "mlp" and r["spec"]["weight_decay"] == 0 and r["spec"]["corrupt"] == 0
+                     and (r["spec"]["seed"] == 0))
+    sweep = ""
+    if len(lr_runs) >= 3:
+        sweep = (" Over the learning-rate sweep (" + ", ".join(f"{lr:.0e}".replace("e-0", "e-") for lr, _ in lr_runs)
+                 + ") MIR goes "
+                 + " -> ".join(f"{fin[n]['mir']:.2f}" for _, n in lr_runs) + " and the projector norm "
+                 + " -> ".join(f"{fin[n]['img_norm']:.0f}" for _, n in lr_runs) + ", while accuracy goes "
+                 + " -> ".join(f"{fin[n]['acc']:.2f}" for _, n in lr_runs) + ".")
     out.append(
-        f"**What MIR follows:** Spearman(MIR, projector output norm) = {_ci(ci)}, (MIR, mean vision/text norm "
-        f"ratio) = {_ci(cn)}, (MIR, mean-term share) = {_ci(cm)}; the strongest is {tracks[1]}. "
-        f"Accuracy itself vs those drivers: norm ratio {_ci(corr[('acc', 'norm_ratio_mean')])}, mean-term share "
-        f"{_ci(corr[('acc', 'mean_share')])}, projector norm {_ci(corr[('acc', 'img_norm')])}."
+        f"**What MIR follows is the scale of the image tokens:** Spearman(MIR, mean vision/text norm ratio) = "
+        f"{_ci(cn)}, (MIR, projector output norm) = {_ci(ci)}, (MIR, mean-term share of the FD sum) = {_ci(cm)}."
+        + sweep + f" Accuracy shows no clear relation to these drivers: norm ratio "
+        f"{_ci(corr[('acc', 'norm_ratio_mean')])}, mean-term share {_ci(corr[('acc', 'mean_share')])}, "
+        f"projector norm {_ci(corr[('acc', 'img_norm')])}."
     )
-    best = a["ranking"][0]
-    parts = "; ".join(f"{SHORT[r['metric']]} {_ci(corr[(r['metric'], 'acc')])}" for r in a["ranking"])
+    rank = a["ranking"]
+    parts = "; ".join(f"{SHORT[r['metric']]} {_ci(corr[(r['metric'], 'acc')])}" for r in rank)
+    top = rank[0]
+    good = [r for r in rank if _verdict(corr[(r["metric"], "acc")]) == "tracks quality"]
+    follow = "; ".join(f"{SHORT[m]} vs projector norm {_ci(corr[(m, 'img_norm')])}" for m in ("mir_pm", "mir_cov")
+                       if (m, "img_norm") in corr)
     out.append(
-        f"**Variants:** Spearman with accuracy: {parts}. Best at ranking runs by quality here: "
-        f"**{SHORT[best['metric']]}** ({verdict(corr[(best['metric'], 'acc')])}); with {len(runs)} runs the "
-        f"intervals are wide, so treat the order of the variants as indicative only."
+        f"**Variants (not the paper's MIR):** Spearman with accuracy: {parts}. "
+        + (f"{', '.join(SHORT[r['metric']] for r in good)} ranks runs by quality. " if good else
+           f"None of the three ranks runs by quality; the {SHORT[top['metric']]} is nominally best "
+           f"({_f(top['rho_acc'], '{:+.2f}')}) but its interval overlaps the others. ")
+        + (f"They remain tied to the scale: {follow}." if follow else "")
     )
     al = a["along_main_run"]
     first, last = mrows[0], mrows[-1]
-    lo = min(mrows, key=lambda r: r["mir"])
+    # from which validation on does MIR stay within 0.1 of its final value?
+    settle = next(i for i in range(len(mrows)) if all(abs(r["mir"] - last["mir"]) <= 0.1 for r in mrows[i:]))
+    sr = mrows[settle]
     out.append(
-        f"**Along the main run** MIR went {first['mir']:.2f} (step 0) -> {last['mir']:.2f} (step {last['step']}), "
-        f"lowest {lo['mir']:.2f} at step {lo['step']}, while accuracy went {first['acc']:.2f} -> {last['acc']:.2f} "
-        f"and the projector norm {first['img_norm']:.1f} -> {last['img_norm']:.1f}; Spearman over the "
-        f"{len(mrows)} validations between MIR and accuracy = {_f(al['mir'], '{:+.2f}')} "
-        f"(per-modality {_f(al['mir_pm'], '{:+.2f}')}, covariance-only {_f(al['mir_cov'], '{:+.2f}')})."
+        f"**Along the main run** MIR is lowest before training ({first['mir']:.2f} at step 0, accuracy "
+        f"{first['acc']:.2f}), rises to {sr['mir']:.2f} by step {sr['step']} while the projector norm grows "
+        f"{first['img_norm']:.1f} -> {sr['img_norm']:.0f}, and then stays within 0.1 of {last['mir']:.2f} while "
+        f"accuracy goes {sr['acc']:.2f} -> {last['acc']:.2f} (step {last['step']}) and caption loss "
+        f"{sr['caption_loss']:.2f} -> {last['caption_loss']:.2f}. Spearman(MIR, accuracy) over the {len(mrows)} "
+        f"validations = {_f(al['mir'], '{:+.2f}')} (per-modality {_f(al['mir_pm'], '{:+.2f}')}, covariance-only "
+        f"{_f(al['mir_cov'], '{:+.2f}')})."
     )
-    pairs = []
-    for a_, b_ in (("lr3e-2", "main_s0"), ("lr3e-4", "main_s0"), ("corrupt90", "main_s0"),
-                   ("linear", "main_s0"), ("wd10", "main_s0")):
-        if a_ in fin and b_ in fin:
-            pairs.append(f"{a_}: acc {fin[a_]['acc']:.2f}, MIR {fin[a_]['mir']:.2f}, norm {fin[a_]['img_norm']:.0f}")
-    if pairs:
-        out.append(f"**Contrasts** (main_s0: acc {fin['main_s0']['acc']:.2f}, MIR {fin['main_s0']['mir']:.2f}, "
-                   f"projector norm {fin['main_s0']['img_norm']:.0f}) -- " + "; ".join(pairs) + ".")
-    es = [e for e in a["early_stopping"] if e["metric"] == "mir"]
-    txt = []
-    for e in es:
+
+    def stop_txt(e):
+        what = ("plateau" if e["rule"] == "plateau" else "min") + f" p{e['patience']}/{e['min_delta']:g}"
         if e["stop_step"] is None:
-            txt.append(f"patience {e['patience']}, min_delta {e['min_delta']}: never fires")
-        else:
-            txt.append(f"patience {e['patience']}, min_delta {e['min_delta']}: stops at step {e['stop_step']} "
-                       f"(accuracy {e['acc_at_stop']:.2f} vs {e['final_acc']:.2f} at step {e['final_step']})")
+            return f"{what}: never fires"
+        return f"{what}: step {e['stop_step']} (accuracy {e['acc_at_stop']:.2f})"
+
+    es = a["early_stopping"]
+    e0 = es[0]
+    default = next((e for e in es if e["metric"] == "mir" and e["rule"] == "plateau" and e["patience"] == 3
+                    and e["min_delta"] == 0.05), None)
+    mir_rules = "; ".join(stop_txt(e) for e in es if e["metric"] == "mir")
+    task_rules = "; ".join(f"{NAMES[e['metric']]} {stop_txt(e)}" for e in es if e["metric"] in ("caption_loss",
+                                                                                               "digit_loss"))
+    cost = ""
+    if default is not None and default["stop_step"] is not None:
+        cost = (f" `MIREarlyStopping(patience=3, min_delta=0.05)` would stop at step {default['stop_step']} with "
+                f"accuracy {default['acc_at_stop']:.2f}, against {e0['final_acc']:.2f} at step {e0['final_step']}.")
     out.append(
-        "**Early stopping on MIR** (the plateau rule of `MIREarlyStopping`, replayed on the main run's in-fit "
-        "validations): " + "; ".join(txt) + ". A MIR plateau here says the projector's output scale has "
-        "settled, not that learning has; early stopping on MIR is advisable only where MIR has been checked to "
-        "rank runs by a task metric in that setting (the paper's large-LLM regime), and with the norm ratios "
-        "stable; otherwise keep a task metric (caption or digit loss) in charge and use MIR as a diagnostic."
+        f"**Early stopping** (rules replayed on the main run's in-fit validations, steps "
+        f"{fit_steps[0]}..{e0['final_step']}): on MIR -- {mir_rules}. On a task metric -- {task_rules}.{cost} "
+        "A MIR plateau here marks the projector's output scale settling, not the end of learning. Early stopping "
+        "on MIR is advisable only where MIR has first been shown to rank runs by a task metric in that setting "
+        "(the paper's large-LLM regime), the per-layer vision/text norm ratios are flat and the mean term does not "
+        "dominate the FD sum; otherwise keep a task metric (caption or digit loss) in charge and use MIR as a "
+        "diagnostic next to its drivers."
     )
     return out
 
@@ -571,12 +700,14 @@ def findings(results: dict) -> list[str]:
 def write_report(results: dict, out: Path) -> Path:
     cfg = results["config"]
     a = results["analysis"]
+    wall = results.get("wall_total_s", results["wall_s"])
     lines = [
         "# Does MIR track quality? (issue 6 study)",
         "",
         f"Parts: {cfg['parts']}. LLaVA layout: BOS + system prompt (excluded from MIR) | "
         f"{cfg['image_tokens']} image tokens | \" ASSISTANT:\" + caption. Trainable projector only. "
-        f"Every run: {cfg['steps']} steps, batch {cfg['batch_size']}, AdamW; probe (= validation set) of "
+        f"Every run: {cfg['steps']} steps (the main run continues to {cfg.get('main_steps', cfg['steps'])}), "
+        f"batch {cfg['batch_size']}, AdamW; probe (= validation set) of "
         f"{cfg['probe']} held-out, class-balanced digits, the same for every run. MIR through `MIRCallback` "
         "(paper MIR, `name=\"mir\"`) and a second `MIRCallback(normalization=\"per_modality\", name=\"mir_pm\")`; "
         "the covariance-only variant is log10 of sum over layers of (FD - mean_term), from `per_layer_stats()`.",
@@ -587,11 +718,16 @@ def write_report(results: dict, out: Path) -> Path:
         cfg["command"],
         "```",
         "",
-        f"Wall time: **{results['wall_s'] / 60:.1f} min** ({results['wall_s']:.0f} s; LLM load "
+        f"Wall time: **{wall / 60:.1f} min** ({wall:.0f} s, whole command; runs {results['wall_s']:.0f} s, LLM load "
         f"{cfg['timings'].get('llm_load_s', 0):.0f} s, data {cfg['timings'].get('data_s', 0):.0f} s) on "
         f"{cfg['machine']}.",
         "",
         "Variants are labelled as such: only `mir` is the paper's MIR.",
+    ]
+    if cfg["tiny"] or cfg["quick"]:
+        lines += ["", "**Smoke test only** (" + ("random tiny parts: accuracy stays at chance" if cfg["tiny"] else
+                  "a few steps, small probe") + "): these numbers say nothing about MIR.", ""]
+    lines += [
         "",
         "## Runs (final values)",
         "",
@@ -600,7 +736,7 @@ def write_report(results: dict, out: Path) -> Path:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["runs"]:
-        f = r["rows"][-1]
+        f = final_row(r, cfg["steps"])
         lines.append(
             f"| {r['spec']['name']} | {r['spec']['label']} | {_f(f['mir'])} | {_f(f['mir_pm'])} | "
             f"{_f(f.get('mir_cov'))} | {_f(f['acc'], '{:.2f}')} | {_f(f['caption_loss'])} | {_f(f['digit_loss'])} | "
@@ -608,12 +744,15 @@ def write_report(results: dict, out: Path) -> Path:
             f"{_f(f.get('mean_share'), '{:.0%}')} | {r['wall_s']:.0f} |")
     main = next(r for r in results["runs"] if r["spec"]["main"])
     lines += ["", f"## Main run along training ({main['spec']['label']})", "",
+              f"The main run goes on to step {main['rows'][-1]['step']}; the other runs stop at {cfg['steps']} "
+              "(the row in bold), where all runs are compared.", "",
               "| step | MIR (paper) | per-modality | cov-only | digit acc | caption loss | digit loss | "
               "projector norm | v/t norm ratio (mean) | mean-term share | vision outliers replaced |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for f in main["rows"]:
+        b = "**" if f["step"] == cfg["steps"] else ""
         lines.append(
-            f"| {f['step']} | {_f(f['mir'])} | {_f(f['mir_pm'])} | {_f(f.get('mir_cov'))} | {_f(f['acc'], '{:.2f}')} | "
+            f"| {b}{f['step']}{b} | {_f(f['mir'])} | {_f(f['mir_pm'])} | {_f(f.get('mir_cov'))} | {_f(f['acc'], '{:.2f}')} | "
             f"{_f(f['caption_loss'])} | {_f(f['digit_loss'])} | {_f(f['img_norm'], '{:.1f}')} | "
             f"{_f(f.get('norm_ratio_mean'), '{:.2f}')} | {_f(f.get('mean_share'), '{:.0%}')} | "
             f"{f.get('outliers_vision', '-')} of {f.get('n_vision', '-')} x layers |")
@@ -682,7 +821,7 @@ def main(argv=None) -> dict:
     parts = load_parts(ex, args.tiny, args.probe)
     print(f"[study] parts: {parts.description} (data {parts.timings['data_s']:.0f}s, "
           f"LLM {parts.timings['llm_load_s']:.0f}s)")
-    specs = run_specs(args.seeds)
+    specs = run_specs(args.seeds, lr_sweep=not args.quick)
     if args.runs:
         keep = set(args.runs.split(","))
         specs = [s for s in specs if s.name in keep]
@@ -690,23 +829,26 @@ def main(argv=None) -> dict:
             raise SystemExit("--runs must include main_s0")
     # >= 2: MIRCallback records in-fit validations at Lightning's logging step (global step - 1), so a
     # validation after step 1 would share "step 0" with the trainer.validate point before training
-    main_every = max(2, args.steps // args.main_points)
+    target = max(2, args.steps // args.main_points)
+    main_every = max([d for d in range(2, target + 1) if args.steps % d == 0] or [args.steps])
     runs = []
     for i, spec in enumerate(specs):
         every = main_every if spec.main else args.steps
-        res = run_one(ex, parts, spec, args.steps, every, args.batch_size)
+        res = run_one(ex, parts, spec, args.main_steps if spec.main else args.steps, every, args.batch_size)
         runs.append(res)
-        f = res["rows"][-1]
+        f = final_row(res, args.steps)
         elapsed = time.time() - t_start
         print(f"[study] {i + 1}/{len(specs)} {spec.name}: {res['wall_s']:.0f}s, step {f['step']}: "
               f"MIR {f['mir']:.3f} (pm {f['mir_pm']:.3f}, cov {f.get('mir_cov', math.nan):.3f}), "
               f"acc {f['acc']:.2f}, caption loss {f['caption_loss']:.3f}, digit loss {f['digit_loss']:.3f}, "
-              f"projector norm {f['img_norm']:.1f} | elapsed {elapsed / 60:.1f} min", flush=True)
+              f"projector norm {f['img_norm']:.1f} | median {res['train_step_s']:.2f}s/step, "
+              f"{res['validation_s']:.1f}s/validation | elapsed {elapsed / 60:.1f} min", flush=True)
     argv_s = " ".join(argv) if argv is not None else " ".join(sys.argv[1:])
     results = {
         "config": {"command": f"python benchmarks/study_mir_quality.py {argv_s}".strip(), "steps": args.steps,
                    "batch_size": args.batch_size, "probe": args.probe, "boot": args.boot, "tiny": args.tiny,
                    "quick": args.quick, "threads": args.threads, "main_val_every": main_every,
+                   "main_steps": args.main_steps,
                    "parts": parts.description, "image_tokens": int(parts.train_feats.shape[1]),
                    "timings": parts.timings, "machine": machine_line(args.threads)},
         "runs": runs,
@@ -714,6 +856,9 @@ def main(argv=None) -> dict:
     results["wall_s"] = time.time() - t_start  # training + validation + MIR of all runs, set-up included
     results = finish(results, out, args.boot)
     total = time.time() - t_start
+    results["wall_total_s"] = total  # statistics and figures included
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_report(results, out)
     print(f"[study] wall time {total / 60:.1f} min ({total:.0f}s)")
     return results
 
