@@ -12,7 +12,18 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
+# Threads that wait at an OpenMP barrier sleep instead of spinning. On this shared 2-core
+# machine, with 2 torch threads and other processes busy, the default spin-wait made one
+# float64 eigvalsh(512) ~100x slower (8 s instead of 0.08 s) and the timings meaningless.
+# Must be set before torch loads its OpenMP runtime: import this module before torch and numpy.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenBLAS (numpy/scipy: the official "accurate" route) has the same problem with its own
+# spin-waiting pthreads: scipy sqrtm(512) took 9 s with 2 threads under load against 0.39 s
+# with 1, and 1 thread was no slower at moderate load (0.13 vs 0.18 s). One thread gives
+# the official route its most reliable case here. Must be set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from anywhere without installing
@@ -45,7 +56,9 @@ def machine_info(device: str = "cpu") -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     line = (
         f"CPU: {cpu_model()} ({os.cpu_count()} visible cores) | torch {torch.__version__} | numpy {versions['numpy']} | "
-        f"scipy {versions['scipy']} | torch threads {torch.get_num_threads()} | load avg at start {load}"
+        f"scipy {versions['scipy']} | torch threads {torch.get_num_threads()} | "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} | OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')} | "
+        f"load avg at start {load}"
     )
     if device.startswith("cuda") and torch.cuda.is_available():
         line += f" | GPU: {torch.cuda.get_device_name()}"
@@ -69,14 +82,15 @@ def time_call(fn: Callable[[], object], sync: Callable[[], None] | None = None) 
 
 def run_interleaved(
     methods: dict[str, Callable[[], object]],
-    repeats: int,
+    repeats: int | dict[str, int],
     sync: Callable[[], None] | None = None,
     warmup: bool = True,
     settle: float = 0.1,
 ) -> dict[str, list[float]]:
     """Time every method ``repeats`` times, interleaved: each round calls all methods once,
     in an order rotated from round to round (so slow drifts of the shared machine's load
-    hit all methods alike). One untimed warm-up call each when ``warmup``. Before each timed
+    hit all methods alike); ``repeats`` may give a count per method (a method drops out of
+    the later rounds once it has its count). One untimed warm-up call each when ``warmup``. Before each timed
     call the process sleeps ``settle`` seconds, so that the spinning worker threads of the
     previous call's library (OpenBLAS after scipy, OpenMP after torch) go idle and do not
     steal the 2 cores from the next method."""
@@ -84,10 +98,13 @@ def run_interleaved(
     if warmup:
         for name in names:
             methods[name]()
+    counts = repeats if isinstance(repeats, dict) else {name: repeats for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
+    for r in range(max(counts.values())):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
+            if len(times[name]) >= counts[name]:
+                continue
             gc.collect()
             if settle:
                 time.sleep(settle)

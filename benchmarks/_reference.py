@@ -8,13 +8,17 @@ import math
 import torch
 
 
-def outlier_rule(x: torch.Tensor, sigma: float = 3.0) -> torch.Tensor:
-    """MIR.md step 3 on materialised rows, in x's dtype (lower medians, unbiased std)."""
+def outlier_rule(x: torch.Tensor, sigma: float = 3.0, median: str = "lower") -> torch.Tensor:
+    """MIR.md step 3 on materialised rows, in x's dtype (lower medians, unbiased std).
+
+    ``median="midpoint"`` replaces outliers by the per-dimension midpoint median (mean of the
+    two middle values) instead: not the spec, used to show how much the FD depends on that
+    choice of order statistic."""
     norms = x.norm(dim=1)
     mask = (norms - norms.median()).abs() > sigma * norms.std()
     if bool(mask.any()):
         x = x.clone()
-        x[mask] = x.median(dim=0).values
+        x[mask] = x.median(dim=0).values if median == "lower" else torch.quantile(x, 0.5, dim=0)
     return x
 
 
@@ -25,12 +29,12 @@ def mean_cov(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mu, (xc.mT @ xc) / (x.shape[0] - 1)
 
 
-def layer_stats(vision: torch.Tensor, text: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def layer_stats(vision: torch.Tensor, text: torch.Tensor, dtype: torch.dtype, median: str = "lower") -> dict[str, torch.Tensor]:
     """Text-centric scale, 3-sigma rule, means and covariances of one layer, all in ``dtype``
     (``float32`` reproduces the official script's pipeline: ``.float()`` tokens throughout)."""
     v, t = vision.to(dtype), text.to(dtype)
     scale = 1.0 / t.norm(dim=1).mean()
-    v, t = outlier_rule(v * scale), outlier_rule(t * scale)
+    v, t = outlier_rule(v * scale, median=median), outlier_rule(t * scale, median=median)
     mu_v, s_v = mean_cov(v)
     mu_t, s_t = mean_cov(t)
     return {"mu_v": mu_v, "S_v": s_v, "mu_t": mu_t, "S_t": s_t}

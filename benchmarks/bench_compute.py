@@ -5,8 +5,9 @@ the torchmetrics route and the floor (one float64 eigvalsh per layer).
     python benchmarks/bench_compute.py --quick    # D in {256, 512} x 4 layers, < 1 minute
 
 Per D, synthetic LLM-like tokens (large common offset with a few massive dimensions,
-power-law spectra in different random bases, more tokens than D) are fed to three metrics
-(float64 state; float64 state with an exact median buffer; float32 state), and the same
+power-law spectra in different random bases, more tokens than D) are fed to four metrics
+(float64 and float32 state, each with the default median sketch and with an exact median
+buffer), and the same
 tokens give (i) a float64 reference FD per layer: text-centric scale + 3-sigma rule on the
 materialised tokens, two-pass covariances, then the cancellation-free Bures/Procrustes form
 ``||mu_V - mu_T||^2 + ||S_T^(1/2) - S_V^(1/2) U||_F^2`` (U the optimal orthogonal factor from
@@ -25,11 +26,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
+import _common as C  # first: sets OMP_WAIT_POLICY before torch loads
 import numpy as np
 import scipy.linalg
 import torch
 
-import _common as C
 from _reference import bures_fd, feed, layer_stats
 from mir_lightning import ModalityIntegrationRate
 from mir_lightning.functional import frechet_distance
@@ -87,6 +88,7 @@ class Case:
     off32: list[dict[str, torch.Tensor]] = field(default_factory=list)
     fd_ref: list[float] = field(default_factory=list)
     fd_over_trace: list[float] = field(default_factory=list)
+    fd_midpoint: dict[int, float] = field(default_factory=dict)
     setup_s: float = 0.0
 
 
@@ -99,6 +101,7 @@ def build_case(name: str, D: int, layers: int, near_identical: bool, seed: int) 
         "f64": ModalityIntegrationRate(layers, D),
         "f64_exact_median": ModalityIntegrationRate(layers, D, median_buffer=max(nv, nt)),
         "f32": ModalityIntegrationRate(layers, D, state_dtype=F32),
+        "f32_exact_median": ModalityIntegrationRate(layers, D, state_dtype=F32, median_buffer=max(nv, nt)),
     }
     case = Case(name, D, layers, nv, nt, metrics)
     for k in range(layers):
@@ -112,6 +115,9 @@ def build_case(name: str, D: int, layers: int, near_identical: bool, seed: int) 
         fd = bures_fd(ref["mu_v"], ref["S_v"], ref["mu_t"], ref["S_t"])
         case.fd_ref.append(fd)
         case.fd_over_trace.append(fd / float(torch.trace(ref["S_v"]) + torch.trace(ref["S_t"])))
+        if k < 2:  # sensitivity of the spec to its choice of median (lower vs midpoint)
+            mid = layer_stats(vision, text, F64, median="midpoint")
+            case.fd_midpoint[k] = bures_fd(mid["mu_v"], mid["S_v"], mid["mu_t"], mid["S_t"])
         del vision, text
     case.setup_s = time.perf_counter() - start
     return case
@@ -197,24 +203,32 @@ def errors(route: Route, case: Case) -> tuple[float, float, float]:
     return per, rel(s_got, s_ref), mir_err
 
 
-def run_case(case: Case, repeats: int, slow_layers: int, mid_layers: int, skip: set[str]) -> list[list[object]]:
+CORE = ("compute64", "compute32", "pkg", "floor")
+
+
+def run_case(case: Case, repeats: int, slow_repeats: int, slow_layers: int, mid_layers: int,
+             skip: set[str]) -> tuple[list[list[object]], dict[str, float], dict[str, float]]:
+    """Time all routes interleaved: the compute() routes, the package's linear algebra and the
+    floor ``repeats`` times, the other (slower) routes ``slow_repeats`` times."""
     routes = {k: r for k, r in routes_for(case, slow_layers, mid_layers).items() if k not in skip}
     calls = {k: timed_callable(r, case.layers) for k, r in routes.items()}
-    times = C.run_interleaved(calls, repeats, warmup=False)
+    counts = {k: repeats if k in CORE else min(slow_repeats, repeats) for k in routes}
+    times = C.run_interleaved(calls, counts, warmup=False)
     per_set = {k: [t * case.layers / routes[k].layers_timed for t in ts] for k, ts in times.items()}
-    floor = C.median(per_set["floor"])
+    floor, floor_min = C.median(per_set["floor"]), min(per_set["floor"])
     rows = []
     for key, route in routes.items():
         med = C.median(per_set[key])
         per, sum_err, mir_err = errors(route, case)
         timed = f"{route.layers_timed}/{case.layers}" + ("" if route.layers_timed == case.layers else " (scaled)")
-        rows.append([route.label, route.dtype, timed, med, f"{min(per_set[key]):.3g}-{max(per_set[key]):.3g}",
-                     med / floor, per, sum_err, mir_err])
-    return rows, {k: C.median(v) for k, v in per_set.items()}
+        rows.append([route.label, route.dtype, timed, f"{len(per_set[key])}", med,
+                     f"{min(per_set[key]):.3g}-{max(per_set[key]):.3g}", med / floor, min(per_set[key]) / floor_min,
+                     per, sum_err, mir_err])
+    return rows, {k: C.median(v) for k, v in per_set.items()}, {k: min(v) for k, v in per_set.items()}
 
 
 # --------------------------------------------------------------------------- profile of compute()
-def profile_compute(metric: ModalityIntegrationRate, runs: int = 2) -> tuple[list[list[object]], str]:
+def profile_compute(metric: ModalityIntegrationRate, runs: int = 3) -> tuple[list[list[object]], str]:
     """Wall-time breakdown of compute() by patching the functions it calls (median of ``runs``)."""
     import mir_lightning.functional as F
     import mir_lightning.metric as M
@@ -290,7 +304,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="D in {256, 512} x 4 layers, near-identical at D=256 (< 1 min)")
     ap.add_argument("--dims", type=int, nargs="+", default=None)
     ap.add_argument("--layers", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None, help="rounds of compute(), the package FD and the floor")
+    ap.add_argument("--slow-repeats", type=int, default=None, help="rounds of the other routes (3; --quick 2)")
     ap.add_argument("--near-dim", type=int, default=None, help="D of the near-identical case")
     ap.add_argument("--near-layers", type=int, default=2)
     ap.add_argument("--big-d", type=int, default=1536,
@@ -303,38 +318,45 @@ def main() -> None:
     a = ap.parse_args()
     dims = a.dims or ([256, 512] if a.quick else [512, 1024, 2048])
     layers = a.layers or (4 if a.quick else 8)
-    repeats = a.repeats or 3
+    repeats = a.repeats or (3 if a.quick else 7)
     near_dim = a.near_dim or (256 if a.quick else 512)
     C.setup(a.threads)
     warnings.simplefilter("ignore", RuntimeWarning)
     t_start = time.perf_counter()
     print(C.machine_info())
     print(f"bench_compute: dims={dims} layers={layers} repeats={repeats} near-identical D={near_dim} "
-          f"x {a.near_layers} layers; seconds are per set of {layers} layers (median of {repeats} interleaved rounds)\n")
+          f"x {a.near_layers} layers; seconds are per set of {layers} layers (median of n interleaved rounds; ratios of medians and of minima)\n")
 
     # warm-up of every library path on a tiny case
     tiny = build_case("warm-up", 32, 2, False, a.seed)
-    run_case(tiny, 1, 1, 1, set())
+    run_case(tiny, 1, 1, 1, 1, set())
 
-    headers = ["route", "dtype", "layers timed", "s / set", "min-max", "x floor", "max rel err/layer", "rel err FD sum", "|MIR err|"]
+    headers = ["route", "dtype", "layers timed", "n", "s / set (median)", "min-max", "x floor (medians)",
+               "x floor (mins)", "max rel err/layer", "rel err FD sum", "|MIR err|"]
     summary = []
     cases = [(f"LLM-like D={d}", d, layers, False) for d in dims] + [(f"near-identical D={near_dim}", near_dim, a.near_layers, True)]
     profile_target = None
     for name, d, L, near in cases:
         case = build_case(name, d, L, near, a.seed + d)
         big = a.quick or d >= a.big_d
-        rows, med = run_case(case, repeats, 1 if big else min(2, L), 2 if big else L, set())
+        rows, med, mins = run_case(case, repeats, a.slow_repeats or (2 if a.quick else 3), 1 if big else min(2, L), 2 if big else L, set())
         fot = case.fd_over_trace
         print(f"## {name} x {L} layers  (tokens/layer: vision {case.n_vision}, text {case.n_text}; "
               f"FD/(trS_V+trS_T) {min(fot):.2e}..{max(fot):.2e}; setup {case.setup_s:.0f} s)")
         print(C.table(headers, rows))
-        m = case.metrics["f64_exact_median"]
-        fresh_compute(m)
-        fds = m.per_layer_fd().tolist()
-        ex = max(rel(f, r) for f, r in zip(fds, case.fd_ref))
-        print(f"compute() float64 with an exact median buffer (median_buffer={max(case.n_vision, case.n_text)}): "
-              f"max rel err/layer {ex:.2e}  (the default median sketch's share is the difference)\n")
-        summary.append([name, med["compute64"] / med["floor"], rows[0][6], ex, rows[1][6],
+        exact = {}
+        for key in ("f64_exact_median", "f32_exact_median"):
+            m = case.metrics[key]
+            fresh_compute(m)
+            exact[key] = max(rel(f, r) for f, r in zip(m.per_layer_fd().tolist(), case.fd_ref))
+        ex, ex32 = exact["f64_exact_median"], exact["f32_exact_median"]
+        mid = max(rel(case.fd_midpoint[k], case.fd_ref[k]) for k in case.fd_midpoint)
+        st = case.metrics["f64"].per_layer_stats()
+        print(f"with an exact median buffer (median_buffer={max(case.n_vision, case.n_text)}), compute() max rel err/layer: "
+              f"float64 state {ex:.2e}, float32 state {ex32:.2e}  (the default median sketch's share is the difference)")
+        print(f"outliers replaced per layer: vision {st['outliers_vision'].mean():.1f}, text {st['outliers_text'].mean():.1f}; "
+              f"reference with the midpoint instead of the lower median differs by {mid:.2e} (layers 0-1)\n")
+        summary.append([name, med["compute64"] / med["floor"], mins["compute64"] / mins["floor"], rows[0][8], ex, mid, rows[1][8], ex32,
                         med["scipy32"] / med["compute64"], med["eigvals"] / med["compute64"]])
         if not near and (profile_target is None or d > profile_target.D):
             profile_target = case
@@ -342,8 +364,9 @@ def main() -> None:
             del case
 
     print("## Summary")
-    print(C.table(["case", "compute()/floor", "compute() f64 max rel err", "same, exact medians",
-                   "compute() f32-state max rel err", "official accurate / compute()", "eigvals / compute()"], summary))
+    print(C.table(["case", "compute()/floor (medians)", "(mins)", "compute() f64 max rel err", "same, exact medians",
+                   "lower vs midpoint median (ref)",
+                   "compute() f32-state max rel err", "same, exact medians", "official accurate / compute()", "eigvals / compute()"], summary))
     print("Targets: compute()/floor <= 2.5 at D >= 1024; float64 max rel err <= 1e-6.\n")
 
     if not a.no_profile and profile_target is not None:

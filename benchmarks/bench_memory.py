@@ -25,9 +25,9 @@ import threading
 import time
 import warnings
 
+import _common as C  # first: sets OMP_WAIT_POLICY before torch loads
 import torch
 
-import _common as C
 from mir_lightning import ModalityIntegrationRate
 
 F64, F32 = torch.float64, torch.float32

@@ -25,9 +25,9 @@ import sys
 import time
 import warnings
 
+import _common as C  # first: sets OMP_WAIT_POLICY before torch loads
 import torch
 
-import _common as C
 from mir_lightning import ModalityIntegrationRate
 
 F64, F32 = torch.float64, torch.float32
@@ -149,13 +149,15 @@ def main() -> int:
         torch.cuda.empty_cache()
 
     # ---- 4. update() throughput
+    del m64
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     batches = BU.make_batches(D, L, 2, 4, T, 1, device=dev)
     selected = C.median([float(vm.sum() + tm.sum()) for _, vm, tm in batches])
     targets = {
         "update f64": ModalityIntegrationRate(L, D).to(dev), "floor f64": BU.Floor(L, D, F64, dev),
         "update f32": ModalityIntegrationRate(L, D, state_dtype=F32).to(dev), "floor f32": BU.Floor(L, D, F32, dev),
     }
-    del m64
     for tg in targets.values():
         BU.feeder(tg, batches, 1)()
     sync()

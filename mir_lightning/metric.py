@@ -328,7 +328,10 @@ class ModalityIntegrationRate(Metric):
                     self._fold(m, k, rows.to(device=self.device, dtype=self.state_dtype))
 
     def _fold(self, m: str, k: int, rows: Tensor) -> None:
-        finite = torch.isfinite(rows).all(dim=1)
+        norms = rows.norm(dim=1)
+        finite = torch.isfinite(norms)  # a non-finite value makes its row's norm non-finite
+        if not bool(finite.all()):
+            finite[~finite] = torch.isfinite(rows[~finite]).all(dim=1)  # (or the norm overflowed)
         if not bool(finite.all()):
             bad = int((~finite).sum())
             if self.nan_strategy == "error":
@@ -337,12 +340,11 @@ class ModalityIntegrationRate(Metric):
                     "pass nan_strategy='skip' to drop and count them"
                 )
             getattr(self, f"{m}_nonfinite")[k] += bad
-            rows = rows[finite]
+            rows, norms = rows[finite], norms[finite]
             if not rows.shape[0]:
                 return
         count = getattr(self, f"{m}_count")
         seen = int(count[k])
-        norms = rows.norm(dim=1)
         count[k] = moments_update(seen, getattr(self, f"{m}_mean")[k], getattr(self, f"{m}_m2")[k], rows)
         norms64 = norms.to(torch.float64)
         getattr(self, f"{m}_norm_sum")[k] += norms64.sum()

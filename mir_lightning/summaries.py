@@ -71,7 +71,17 @@ def tails_update(rows: Tensor, norms: Tensor, dropped: Tensor, x: Tensor, x_norm
     if x.shape[0] == 0:
         return
     k = norms.shape[0]
-    all_norms = torch.cat([norms, x_norms.to(norms.dtype)])
+    x_norms = x_norms.to(norms.dtype)
+    if k and not bool(torch.isinf(norms).any()):  # full: only rows beyond the kept extreme can enter
+        bound = norms.min() if largest else norms.max()
+        enter = x_norms > bound if largest else x_norms < bound
+        if not bool(enter.all()):
+            out = x_norms[~enter]
+            dropped.copy_(torch.maximum(dropped, out.max()) if largest else torch.minimum(dropped, out.min()))
+            x, x_norms = x[enter], x_norms[enter]
+            if not x.shape[0]:
+                return
+    all_norms = torch.cat([norms, x_norms])
     keep = torch.topk(all_norms, k, largest=largest, sorted=False).indices
     lost = torch.ones_like(all_norms, dtype=torch.bool)
     lost[keep] = False
@@ -83,15 +93,20 @@ def tails_update(rows: Tensor, norms: Tensor, dropped: Tensor, x: Tensor, x_norm
     rows.copy_(all_rows[keep])
 
 
-def histogram_grid(rows: Tensor, bins: int, spread: float = 7.0) -> tuple[Tensor, Tensor]:
+def histogram_grid(rows: Tensor, bins: int, spread: float = 7.0, max_rows: int = 256) -> tuple[Tensor, Tensor]:
     """A per-column grid ``(lo [D], width [D])`` (float64) for ``bins`` bins from sample rows ``[m, D]``.
 
     The grid is centred on the sample median and spans ``spread`` times the larger of the
     distances to the quartiles on each side (about +-4.7 std for a Gaussian column; robust
     to up to a quarter of massive-activation rows). Bins ``0`` and ``bins - 1`` are
     open-ended (everything below ``lo`` / at or above ``lo + (bins - 2) * width``).
+    The grid only has to cover the data finely, so it is placed from at most ``max_rows``
+    evenly spaced sample rows (sorting every column of a large sample costs as much as a
+    covariance product).
     """
-    ordered = rows.to(torch.float64).sort(dim=0).values
+    if rows.shape[0] > max_rows:
+        rows = rows[torch.linspace(0, rows.shape[0] - 1, max_rows, device=rows.device).round().long()]
+    ordered = rows.to(torch.float64).mT.contiguous().sort(dim=1).values.mT
     m = ordered.shape[0]
     med = ordered[(m - 1) // 2]
     q_lo = ordered[int(0.25 * (m - 1))]
@@ -105,11 +120,21 @@ def histogram_grid(rows: Tensor, bins: int, spread: float = 7.0) -> tuple[Tensor
 
 
 def histogram_add(hist: Tensor, lo: Tensor, width: Tensor, x: Tensor) -> None:
-    """Count rows ``x [n, D]`` into ``hist [D, B]`` (per-column grids ``lo``, ``width`` ``[D]``), in place."""
+    """Count rows ``x [n, D]`` into ``hist [D, B]`` (per-column grids ``lo``, ``width`` ``[D]``), in place.
+
+    Bin positions are computed in ``x``'s dtype (float64 or float32; others go through
+    float32), with the grid rounded to that dtype: a shift of at most half a unit in the last
+    place of ``lo``, i.e. no more than the rounding already in ``x``.
+    """
     d, b = hist.shape
-    idx = torch.floor((x.to(torch.float64) - lo) / width).add_(1).clamp_(0, b - 1).long()
-    idx += torch.arange(d, device=x.device) * b
-    hist += torch.bincount(idx.reshape(-1), minlength=d * b).view(d, b).to(hist.dtype)
+    if not x.shape[0]:
+        return
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    # position + 1 in bins: bin 0 holds everything below lo, bin B - 1 everything from lo + (B - 2) w
+    pos = (x.to(dtype) - (lo - width).to(dtype)).mul_((1.0 / width).to(dtype)).clamp_(0, b - 1)
+    idx = pos.to(torch.int64).add_(torch.arange(d, device=x.device) * b)
+    ones = torch.ones((), dtype=hist.dtype, device=hist.device).expand(idx.numel())
+    hist.view(-1).scatter_add_(0, idx.view(-1), ones)
 
 
 def _histogram_cdf(cum: Tensor, lo: Tensor, width: Tensor, v: Tensor) -> Tensor:

@@ -1,0 +1,157 @@
+"""Validation overhead of MIRCallback on the example model, against the covariance flop floor.
+
+The example's frozen SmolLM2-135M (hidden 576, 30 decoder layers) with its projector, on the
+example's probe of 100 held-out MNIST digits (batches of 50; 9 image tokens and a short
+caption per sample; BOS and system prompt excluded). Two routes, interleaved round by round in
+one process: ``trainer.validate(model, probe)`` without callbacks, and the same with
+``MIRCallback`` capturing every decoder layer through forward hooks.
+
+The floor: tracking MIR needs at least the covariance products, ``2 * D^2`` flops per selected
+token per tracked layer. Their share of the validation's forward flops (counted by
+``torch.utils.flop_counter.FlopCounterMode`` on the same batches) times the validation time
+without the callback is the floor time. Target: extra time <= 2x the floor.
+
+The extra time splits into the per-token part (hooks, masks, ``update_layer``) and the fixed
+``compute()`` at the end of each validation run (Cholesky + ``eigvalsh`` of ``L`` matrices of
+``D x D``, independent of the number of tokens). Both are reported; the ratio is given for the
+whole and for the per-token part, whose share grows with the validation set.
+
+    python benchmarks/bench_callback.py            # real example parts (see examples/requirements-parts.txt)
+    python benchmarks/bench_callback.py --tiny     # random tiny parts, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+import warnings
+
+import _common as C  # first: sets OMP_WAIT_POLICY before torch loads
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mir_lightning import MIRCallback
+from mir_lightning.integrations.transformers import find_hidden_state_modules
+
+EXAMPLE = C.REPO / "examples" / "pretrain_lvlm.py"
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("pretrain_lvlm", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def build(ex, tiny: bool, n_val: int, batch: int):
+    """The example's frozen LLM + projector and its probe dataloader (validation set)."""
+    args = ex.parse_args((["--tiny"] if tiny else []) + ["--n-val", str(n_val)])
+    if tiny:
+        images, labels = ex.synthetic_digits(max(1, (args.n_train + n_val) // 10 + 1), args.seed)
+        tag, cache_dir, size = "tiny", None, 28
+    else:
+        images, labels = ex.load_mnist()
+        tag, cache_dir, size = "efficientnet-lite0_mnist", "~/.cache/mir_lightning", args.image_size
+    _, val_idx = ex.split_indices(labels, args.n_train, n_val, args.seed)
+    feats = ex.cached_features(ex.load_encoder(tiny), images, val_idx, tag + "_probe", cache_dir, size)
+    llm, tok = ex.load_llm(True, vocab_size=len(ex.TinyTokenizer())) if tiny else ex.load_llm(False)
+    layout = ex.Layout(tok, feats.shape[1])
+    probe = torch.utils.data.DataLoader(ex.FeatureDataset(feats, labels[val_idx]), batch_size=batch,
+                                        shuffle=False, collate_fn=ex.Collate(layout))
+    model = ex.build_module_class()(llm, feature_dim=feats.shape[2], prefix_ids=layout.prefix,
+                                    digit_token_ids=layout.digit_token_ids)
+    return model, probe
+
+
+def validate(model, probe, callbacks) -> None:
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    trainer.validate(model, probe, verbose=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="random tiny parts of the example (no weight packages)")
+    ap.add_argument("--n-val", type=int, default=100, help="probe samples (multiple of 10)")
+    ap.add_argument("--batch", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    C.setup(a.threads)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+    t_start = time.time()
+    print(C.machine_info())
+
+    ex = load_example()
+    model, probe = build(ex, a.tiny, a.n_val, a.batch)
+    layers = find_hidden_state_modules(model.llm)
+    L_, D = len(layers), model.llm.config.hidden_size
+
+    # forward flops of one validation run, counted on the same batches
+    with FlopCounterMode(display=False) as counter:
+        validate(model, probe, [])
+    forward_flops = counter.get_total_flops()
+
+    def make_callback(state_dtype: torch.dtype):
+        callback = MIRCallback(layers=lambda pl_module: find_hidden_state_modules(pl_module.llm), log_figures=False,
+                               state_dtype=state_dtype)
+        callback.compute_s = []
+        inner = callback._compute
+
+        def timed_compute(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                callback.compute_s.append(time.perf_counter() - t0)
+
+        callback._compute = timed_compute
+        validate(model, probe, [callback])  # allocates the metric's state once, as in training
+        callback.compute_s.clear()
+        return callback
+
+    callbacks = {"float64 state (default)": make_callback(torch.float64), "float32 state": make_callback(torch.float32)}
+    stats = callbacks["float64 state (default)"].metric.per_layer_stats()
+    selected = int(stats["n_vision"][0] + stats["n_text"][0])
+    cov_flops = 2 * D * D * L_ * selected
+    routes = {"without callback": lambda: validate(model, probe, [])}
+    routes.update({f"MIRCallback, {name}": (lambda cb=cb: validate(model, probe, [cb])) for name, cb in callbacks.items()})
+    times = C.run_interleaved(routes, repeats=a.repeats, warmup=False)
+    t_without = C.median(times["without callback"])
+    floor_share = cov_flops / forward_flops
+    floor_s = floor_share * t_without
+
+    print(f"\n{'tiny random parts' if a.tiny else 'SmolLM2-135M + EfficientNet-Lite0'}: {L_} decoder layers, D={D}; "
+          f"probe {a.n_val} samples in batches of {a.batch}; {selected} selected tokens per layer "
+          f"({int(stats['n_vision'][0])} vision + {int(stats['n_text'][0])} text); "
+          f"median of {a.repeats} interleaved rounds\n")
+    print(C.table(["quantity", "value"], [
+        ["forward GFLOP per validation run (FlopCounterMode)", C.fmt(forward_flops / 1e9)],
+        ["covariance GFLOP (2 D^2 x layers x selected tokens)", C.fmt(cov_flops / 1e9)],
+        ["flop floor: covariance / forward", C.fmt(floor_share)],
+        ["validation s without callback (min-max)", f"{C.fmt(t_without)} ({C.fmt(min(times['without callback']))}"
+                                                    f"-{C.fmt(max(times['without callback']))})"],
+        ["floor s (flop floor x time without)", C.fmt(floor_s)],
+    ]))
+    rows = []
+    for name, cb in callbacks.items():
+        t = times[f"MIRCallback, {name}"]
+        extra = C.median(t) - t_without
+        t_compute = C.median(cb.compute_s)
+        per_token = extra - t_compute
+        rows.append([name, f"{C.fmt(C.median(t))} ({C.fmt(min(t))}-{C.fmt(max(t))})", C.fmt(extra), C.fmt(t_compute),
+                     C.fmt(per_token), C.fmt(extra / floor_s), C.fmt(per_token / floor_s), C.fmt(extra / t_without)])
+    print()
+    print(C.table(["MIRCallback", "validation s (min-max)", "extra s", "compute() s", "per-token part s",
+                   "extra / floor (target <= 2)", "per-token / floor", "extra / time without"], rows))
+    print(f"\ntotal wall time {time.time() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The bounded summaries against plain numpy on the same rows, fed in many small pieces."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mir_lightning.summaries import histogram_add, histogram_grid, tails_update
+
+
+def test_tails_keep_the_k_most_extreme_rows_and_the_most_extreme_dropped_norm():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 6, generator=g, dtype=torch.float64) * torch.rand(500, 1, generator=g, dtype=torch.float64) * 10
+    norms = x.norm(dim=1)
+    k = 16
+    for largest in (True, False):
+        rows = torch.zeros(k, 6, dtype=torch.float64)
+        kept = torch.full((k,), -np.inf if largest else np.inf, dtype=torch.float64)
+        dropped = torch.tensor(-np.inf if largest else np.inf, dtype=torch.float64)
+        for piece in torch.split(torch.arange(500), [3, 40, 1, 100, 7, 200, 149]):
+            tails_update(rows, kept, dropped, x[piece], norms[piece], largest=largest)
+        order = np.argsort(norms.numpy())
+        want = order[-k:] if largest else order[:k]
+        np.testing.assert_array_equal(np.sort(kept.numpy()), np.sort(norms.numpy()[want]))
+        np.testing.assert_array_equal(rows[kept.argsort()].numpy(), x.numpy()[want][np.argsort(norms.numpy()[want])])
+        next_one = order[-k - 1] if largest else order[k]
+        assert float(dropped) == norms.numpy()[next_one]
+
+
+def test_histogram_counts_match_numpy_binning():
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        x = (torch.randn(3000, 5, generator=g, dtype=torch.float64) * torch.tensor([1.0, 0.1, 5.0, 1e-3, 2.0]) + 40).to(dtype)
+        x[:20] *= 50  # far outside the grid: the open-ended bins
+        bins = 64
+        lo, width = histogram_grid(x[:500], bins)
+        hist = torch.zeros(5, bins, dtype=torch.int32)
+        for piece in torch.split(x, 701):
+            histogram_add(hist, lo, width, piece)
+        xs = x.to(torch.float64).numpy()
+        # float64 data is binned exactly; float32 work may move a value lying within a few
+        # float32 rounding steps of an edge to the neighbouring bin, and nothing else
+        slack = 0.0 if dtype == torch.float64 else 4 * np.finfo(np.float32).eps
+        for j in range(5):
+            edges = lo[j].item() + width[j].item() * np.arange(bins - 1)
+            want = np.bincount(np.searchsorted(edges, xs[:, j], side="right"), minlength=bins)
+            assert int(hist[j].sum()) == 3000
+            got_cdf, want_cdf = np.cumsum(hist[j].numpy())[:-1], np.cumsum(want)[:-1]
+            near = np.abs(xs[:, j, None] - edges[None, :]) <= slack * np.maximum(np.abs(xs[:, j, None]), np.abs(edges))
+            assert np.all(np.abs(got_cdf - want_cdf) <= near.sum(0)), (dtype, j)
