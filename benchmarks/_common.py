@@ -3,6 +3,7 @@ synthetic LLM-like hidden states. Not part of the package."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import platform
@@ -10,7 +11,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 # Threads that wait at an OpenMP barrier sleep instead of spinning. On this shared 2-core
 # machine, with 2 torch threads and other processes busy, the default spin-wait made one
@@ -236,3 +237,32 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
+
+
+@contextlib.contextmanager
+def timed_patches(acc: dict[str, float], targets: Sequence[tuple[object, str, str]]) -> Iterator[None]:
+    """Within the block, every ``(owner, name, key)`` of ``targets`` is replaced by a wrapper
+    that adds its wall time to ``acc[key]``; afterwards the originals are back (an instance
+    attribute is dropped so that the class method shows again)."""
+    patches = []
+    for owner, name, key in targets:
+        orig = getattr(owner, name)
+
+        def timed(*a, _orig=orig, _key=key, **kw):
+            t0 = time.perf_counter()
+            try:
+                return _orig(*a, **kw)
+            finally:
+                acc[_key] = acc.get(_key, 0.0) + time.perf_counter() - t0
+
+        had_own = name in getattr(owner, "__dict__", {})
+        setattr(owner, name, timed)
+        patches.append((owner, name, orig, had_own))
+    try:
+        yield
+    finally:
+        for owner, name, orig, had_own in reversed(patches):
+            if isinstance(owner, type) or had_own or not hasattr(type(owner), name):
+                setattr(owner, name, orig)
+            else:
+                delattr(owner, name)

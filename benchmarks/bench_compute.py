@@ -234,42 +234,21 @@ def profile_compute(metric: ModalityIntegrationRate, runs: int = 3) -> tuple[lis
     import mir_lightning.metric as M
 
     acc: dict[str, float] = {}
-
-    def wrap(owner, name, key):
-        orig = getattr(owner, name)
-
-        def timed(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return orig(*a, **kw)
-            finally:
-                acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
-
-        setattr(owner, name, timed)
-        return owner, name, orig
-
     samples: list[dict[str, float]] = []
     for _ in range(runs):
         acc.clear()
-        patches = [
-            wrap(metric, "_merged_layer", "merge (_merged_layer: gathers, casts, tails top-k, sketch copies)"),
-            wrap(metric, "_apply_outlier_rule", "outlier rule (_apply_outlier_rule, incl. medians)"),
-            wrap(M, "combined_lower_median", "  of which medians (combined_lower_median)"),
-            wrap(M, "frechet_terms", "Frechet terms (frechet_terms)"),
-            wrap(F, "_psd_factor", "  of which Cholesky (_psd_factor)"),
-            wrap(torch.linalg, "eigvalsh", "  of which eigvalsh"),
-            wrap(F, "trace_sqrt_product", "trace_sqrt_product"),
-        ]
-        try:
+        with C.timed_patches(acc, [
+            (metric, "_merged_layer", "merge (_merged_layer: gathers, casts, tails top-k, sketch copies)"),
+            (metric, "_apply_outlier_rule", "outlier rule (_apply_outlier_rule, incl. medians)"),
+            (M, "combined_lower_median", "  of which medians (combined_lower_median)"),
+            (M, "frechet_terms", "Frechet terms (frechet_terms)"),
+            (F, "_psd_factor", "  of which Cholesky (_psd_factor)"),
+            (torch.linalg, "eigvalsh", "  of which eigvalsh"),
+            (F, "trace_sqrt_product", "trace_sqrt_product"),
+        ]):
             t0 = time.perf_counter()
             fresh_compute(metric)
             acc["total"] = time.perf_counter() - t0
-        finally:
-            for owner, name, orig in reversed(patches):
-                if owner is metric:
-                    delattr(owner, name)  # drop the instance attribute: the class method shows again
-                else:
-                    setattr(owner, name, orig)
         samples.append(dict(acc))
     med = {k: C.median([s.get(k, 0.0) for s in samples]) for k in samples[0]}
     total = med["total"]

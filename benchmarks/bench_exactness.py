@@ -35,7 +35,9 @@ def make_tokens(kind: str, samples: int, n_vis: int, n_txt: int, dim: int, layer
 
         def draw(n):
             if kind == "heavy_tailed":
-                z = torch.distributions.StudentT(3.0).sample((n, dim)).double()
+                # Student t, 3 degrees of freedom: normal / sqrt(chi-square(3) / 3), from the seeded generator
+                chi2 = torch.randn(3, n, dim, generator=g, dtype=torch.float64).square().sum(0)
+                z = torch.randn(n, dim, generator=g, dtype=torch.float64) / (chi2 / 3.0).sqrt()
             else:
                 z = torch.randn(n, dim, generator=g, dtype=torch.float64)
             return (z * spectrum) @ rot.T + common

@@ -88,39 +88,19 @@ def profile_update(metric: ModalityIntegrationRate, batches, runs: int = 3):
         ("M", "moments_update"): "moments_update (centred GEMM + Chan merge)",
         ("M", "tails_update"): "tails_update x2 (cat + top-k of rows)",
         ("metric", "_sketch_add"): "median/norm sketches (_sketch_add)",
-        ("M", "histogram_add"): "  of which histogram_add (float64 cast, floor, bincount)",
+        ("M", "histogram_add"): "  of which histogram_add (grid position, scatter-add)",
         ("metric", "_validate_masks"): "mask validation",
         ("metric", "_fold"): "_fold total",
     }
 
-    def wrap(owner, name, key):
-        orig = getattr(owner, name)
-
-        def timed(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return orig(*a, **kw)
-            finally:
-                acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
-
-        setattr(owner, name, timed)
-        return owner, name, orig
-
     samples = []
     for r in range(runs):
         acc.clear()
-        patches = [wrap(M if o == "M" else metric, n, key) for (o, n), key in names.items()]
-        try:
+        with C.timed_patches(acc, [(M if o == "M" else metric, n, key) for (o, n), key in names.items()]):
             hidden, vm, tm = batches[r % len(batches)]
             t0 = time.perf_counter()
             metric.update(hidden, vm, tm)
             acc["total"] = time.perf_counter() - t0
-        finally:
-            for owner, name, orig in reversed(patches):
-                if owner is metric:
-                    delattr(owner, name)
-                else:
-                    setattr(owner, name, orig)
         samples.append(dict(acc))
     med = {k: C.median([s.get(k, 0.0) for s in samples]) for k in set().union(*samples)}
     total = med["total"]

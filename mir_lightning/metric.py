@@ -177,8 +177,8 @@ class ModalityIntegrationRate(Metric):
             for sketch in ("med", "nrm"):
                 self.add_state(f"{m}_{sketch}_rows", torch.zeros(0, dtype=torch.float32), dist_reduce_fx=None)
                 self.add_state(f"{m}_{sketch}_hist", torch.zeros(0, dtype=torch.int32), dist_reduce_fx=None)
-                self.add_state(f"{m}_{sketch}_lo", torch.zeros(0, dtype=torch.float64), dist_reduce_fx=None)
-                self.add_state(f"{m}_{sketch}_width", torch.zeros(0, dtype=torch.float64), dist_reduce_fx=None)
+                self.add_state(f"{m}_{sketch}_centre", torch.zeros(0, dtype=torch.float64), dist_reduce_fx=None)
+                self.add_state(f"{m}_{sketch}_scale", torch.zeros(0, dtype=torch.float64), dist_reduce_fx=None)
 
     # ------------------------------------------------------------------ state layout
     def _shapes(self, m: str) -> dict[str, tuple[tuple[int, ...], torch.dtype, float]]:
@@ -199,11 +199,11 @@ class ModalityIntegrationRate(Metric):
             f"{m}_bottom_norms": ((L, Kb), sd, math.inf),
             f"{m}_bottom_dropped": ((L,), sd, math.inf),
             f"{m}_med_rows": ((L, self.median_buffer, Dm), torch.float32, 0),
-            f"{m}_med_lo": ((L, Dm), torch.float64, 0),
-            f"{m}_med_width": ((L, Dm), torch.float64, 0),
+            f"{m}_med_centre": ((L, Dm), torch.float64, 0),
+            f"{m}_med_scale": ((L, Dm), torch.float64, 0),
             f"{m}_nrm_rows": ((L, self.norm_buffer, 1), torch.float32, 0),
-            f"{m}_nrm_lo": ((L, 1), torch.float64, 0),
-            f"{m}_nrm_width": ((L, 1), torch.float64, 0),
+            f"{m}_nrm_centre": ((L, 1), torch.float64, 0),
+            f"{m}_nrm_scale": ((L, 1), torch.float64, 0),
         }
 
     def _sketch_size(self, sketch: str) -> tuple[int, int, int]:
@@ -358,22 +358,22 @@ class ModalityIntegrationRate(Metric):
         self._sketch_add(m, "nrm", k, seen, norms[:, None])
 
     def _sketch_add(self, m: str, sketch: str, k: int, seen: int, x: Tensor) -> None:
-        _, capacity, bins = self._sketch_size(sketch)
+        _, capacity, _ = self._sketch_size(sketch)
         buffer = getattr(self, f"{m}_{sketch}_rows")[k]
         n = x.shape[0]
         if seen + n <= capacity:
             buffer[seen : seen + n] = x.to(buffer.dtype)
             return
         hist = self._histogram(m, sketch)[k]
-        lo, width = getattr(self, f"{m}_{sketch}_lo")[k], getattr(self, f"{m}_{sketch}_width")[k]
+        centre, scale = getattr(self, f"{m}_{sketch}_centre")[k], getattr(self, f"{m}_{sketch}_scale")[k]
         if seen <= capacity:  # switch from exact rows to the histogram now
-            sample = torch.cat([buffer[:seen].to(torch.float64), x.to(torch.float64)])
-            new_lo, new_width = histogram_grid(sample, bins)
-            lo.copy_(new_lo)
-            width.copy_(new_width)
-            histogram_add(hist, lo, width, sample)
+            sample = torch.cat([buffer[:seen].to(x.dtype), x])
+            new_centre, new_scale = histogram_grid(sample)
+            centre.copy_(new_centre)
+            scale.copy_(new_scale)
+            histogram_add(hist, centre, scale, sample)
         else:
-            histogram_add(hist, lo, width, x)
+            histogram_add(hist, centre, scale, x)
 
     def forward(self, *args: Any, **kwargs: Any) -> None:
         """Same as :meth:`update` (MIR of a single batch is not meaningful); returns None."""
@@ -437,10 +437,28 @@ class ModalityIntegrationRate(Metric):
                 grid = torch.zeros(0, 2, cols, dtype=torch.float64, device=self.device)
             else:
                 hist = self._histogram(m, sketch)[k][None]
-                grid = torch.stack([getattr(self, f"{m}_{sketch}_lo")[k], getattr(self, f"{m}_{sketch}_width")[k]])[None]
+                grid = torch.stack([getattr(self, f"{m}_{sketch}_centre")[k], getattr(self, f"{m}_{sketch}_scale")[k]])[None]
             raw, hist, grid = (D.all_gather_cat(t, group) for t in (raw, hist, grid))
             out[f"{sketch}_parts"] = (raw, [(h, g[0], g[1]) for h, g in zip(hist, grid)])
         return out
+
+    def _sketch_median(self, s: dict[str, Any], sketch: str) -> Tensor:
+        """Lower median per column of a merged sketch (``"nrm"``: token norms, ``"med"``: rows);
+        warns once when a histogram had to be used."""
+        raw, hists = s[f"{sketch}_parts"]
+        median, exact = combined_lower_median(raw, hists)
+        if not exact:
+            if sketch == "nrm":
+                what = (f"norm_buffer={self.norm_buffer}", f"the median norm of the outlier rule is read from a "
+                        f"{self.norm_bins}-bin histogram (exact up to tokens whose norm lies within ~1e-4 of the "
+                        "3-sigma threshold)", "norm_buffer")
+            else:
+                what = (f"median_buffer={self.median_buffer}", "the per-dimension median row that replaces outliers "
+                        f"is interpolated from a {self.median_bins}-bin histogram per dimension (measured relative FD "
+                        "error <= 1e-5 on LLM-like data; see README)", "median_buffer")
+            self._warn_once(f"approx-{sketch}", f"more than {what[0]} tokens of a modality in a layer: {what[1]}; "
+                            f"raise {what[2]} for an exact result")
+        return median
 
     def _apply_outlier_rule(self, m: str, k: int, s: dict[str, Any]) -> tuple[Tensor, Tensor, int]:
         """Mean and M2 of modality ``m`` after replacing outliers by the median row."""
@@ -449,16 +467,7 @@ class ModalityIntegrationRate(Metric):
             return mean, m2, 0
         variance = (s["norm_sqsum"] - s["norm_sum"] ** 2 / n) / (n - 1)
         std = variance.clamp_min(0).sqrt()
-        raw, hists = s["nrm_parts"]
-        median_norm, exact = combined_lower_median(raw, hists)
-        if not exact:
-            self._warn_once(
-                "approx-norm-median",
-                f"more than norm_buffer={self.norm_buffer} tokens of a modality in a layer: the median norm of the "
-                f"outlier rule is read from a {self.norm_bins}-bin histogram (exact up to tokens whose norm lies within "
-                "~1e-4 of the 3-sigma threshold); raise norm_buffer for an exact result",
-            )
-        median_norm = median_norm[0].to(std.device)
+        median_norm = self._sketch_median(s, "nrm")[0].to(std.device)
         high, low = median_norm + self.outlier_sigma * std, median_norm - self.outlier_sigma * std
         picked = []
         for end, beyond in (("top", lambda x: x > high), ("bottom", lambda x: x < low)):
@@ -477,17 +486,7 @@ class ModalityIntegrationRate(Metric):
         count = outliers.shape[0]
         if count == 0:
             return mean, m2, 0
-        raw, hists = s["med_parts"]
-        median_row, exact_median = combined_lower_median(raw, hists)
-        if not exact_median:
-            self._warn_once(
-                "approx-median",
-                f"more than median_buffer={self.median_buffer} tokens of a modality in a layer: the per-dimension "
-                f"median row that replaces outliers is interpolated from a {self.median_bins}-bin histogram per "
-                "dimension (measured relative FD error <= 1e-5 on LLM-like data; see README); raise median_buffer "
-                "for an exact result",
-            )
-        median_row = median_row.to(mean.device)
+        median_row = self._sketch_median(s, "med").to(mean.device)
         y = outliers - mean
         ym = median_row - mean
         shift = count * ym - y.sum(0)

@@ -48,50 +48,8 @@ FAMILIES = (
 MakeInputs = Callable[..., dict[str, torch.Tensor]]
 
 
-def _llama_text(**extra: Any) -> dict[str, Any]:
-    cfg = dict(
-        model_type="llama",
-        vocab_size=VOCAB_SIZE,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-    )
-    cfg.update(extra)
-    return cfg
-
-
-def _clip_vision(image_size: int = 32, patch_size: int = 8) -> dict[str, Any]:
-    return dict(
-        model_type="clip_vision_model",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=32,
-    )
-
-
-def _siglip_vision(image_size: int = 32, patch_size: int = 8) -> dict[str, Any]:
-    return dict(
-        model_type="siglip_vision_model",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch_size,
-    )
-
-
-def _gemma_text(model_type: str, **extra: Any) -> dict[str, Any]:
+def _text_config(model_type: str = "llama", **extra: Any) -> dict[str, Any]:
+    """A tiny decoder config (hidden ``HIDDEN``, ``NUM_LAYERS`` layers); ``extra`` overrides."""
     cfg = dict(
         model_type=model_type,
         vocab_size=VOCAB_SIZE,
@@ -100,7 +58,6 @@ def _gemma_text(model_type: str, **extra: Any) -> dict[str, Any]:
         num_hidden_layers=NUM_LAYERS,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
         max_position_embeddings=512,
         pad_token_id=PAD_ID,
         bos_token_id=BOS_ID,
@@ -110,22 +67,28 @@ def _gemma_text(model_type: str, **extra: Any) -> dict[str, Any]:
     return cfg
 
 
+def _vision_config(model_type: str, image_size: int = 32, patch_size: int = 8, **extra: Any) -> dict[str, Any]:
+    """A tiny CLIP/SigLIP-style vision tower config (2 layers, hidden 32)."""
+    return dict(model_type=model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, image_size=image_size, patch_size=patch_size, **extra)
+
+
 def make_tiny_config(family: str) -> Any:
     """A tiny config of ``family`` (hidden 64, ``NUM_LAYERS`` decoder layers, small vision tower)."""
     import transformers as tf
 
     if family == "llava":
         return tf.LlavaConfig(
-            vision_config=_clip_vision(),
-            text_config=_llama_text(),
+            vision_config=_vision_config("clip_vision_model", projection_dim=32),
+            text_config=_text_config(),
             image_token_index=IMAGE_TOKEN_ID,
             image_seq_length=16,
             vision_feature_layer=-1,
         )
     if family == "llava_next":
         return tf.LlavaNextConfig(
-            vision_config=_clip_vision(),
-            text_config=_llama_text(),
+            vision_config=_vision_config("clip_vision_model", projection_dim=32),
+            text_config=_text_config(),
             image_token_index=IMAGE_TOKEN_ID,
             image_grid_pinpoints=[[32, 32]],
             image_seq_length=36,
@@ -183,15 +146,15 @@ def make_tiny_config(family: str) -> Any:
         )
         return cls(
             vision_config=vision,
-            text_config=_llama_text(),
+            text_config=_text_config(),
             image_token_id=IMAGE_TOKEN_ID,
             scale_factor=2,
             pad_token_id=PAD_ID,
         )
     if family == "paligemma":
         return tf.PaliGemmaConfig(
-            vision_config=_siglip_vision(),
-            text_config=_gemma_text("gemma"),
+            vision_config=_vision_config("siglip_vision_model"),
+            text_config=_text_config("gemma", head_dim=16),
             image_token_index=IMAGE_TOKEN_ID,
             vocab_size=VOCAB_SIZE,
             projection_dim=HIDDEN,
@@ -199,8 +162,8 @@ def make_tiny_config(family: str) -> Any:
         )
     if family == "gemma3":
         return tf.Gemma3Config(
-            vision_config=_siglip_vision(),
-            text_config=_gemma_text("gemma3_text", query_pre_attn_scalar=16, sliding_window=8),
+            vision_config=_vision_config("siglip_vision_model"),
+            text_config=_text_config("gemma3_text", head_dim=16, query_pre_attn_scalar=16, sliding_window=8),
             mm_tokens_per_image=4,
             image_token_index=IMAGE_TOKEN_ID,
             boi_token_index=BOI_ID,
@@ -336,7 +299,7 @@ def make_tiny_causal_lm(seed: int = 0) -> torch.nn.Module:
     import transformers as tf
 
     torch.manual_seed(seed)
-    cfg = _llama_text()
+    cfg = _text_config()
     cfg.pop("model_type")
     return tf.LlamaForCausalLM(tf.LlamaConfig(**cfg)).eval()
 
