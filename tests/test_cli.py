@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,12 @@ from mir_lightning.probe_data import probe_image_array  # noqa: E402
 from reference import reference_layer  # noqa: E402
 from vlm_factory import (  # noqa: E402
     IMAGE_TOKEN_ID,
+    build_token_rows,
+    extra_inputs,
     make_tiny_tokenizer,
+    make_tiny_vlm,
+    pad_rows,
+    pixel_inputs,
     save_tiny_vlm,
 )
 
@@ -172,6 +178,50 @@ def test_cli_matches_float64_reference(family, model_dirs, data_dir, tmp_path):
     for key in ("fd", "mean_term", "trace_vision", "trace_text", "cross_term", "norm_ratio",
                 "n_vision", "n_text", "outliers_vision", "outliers_text"):
         assert len(result["per_layer"][key]) == len(result["layers"]) == 3
+
+
+# families whose processors need torchvision (their video processors); torchvision's wheel does
+# not load beside the CPU torch these tests run on, so a stand-in processor tokenizes instead
+STUB_FAMILIES = {"qwen2_vl": (16, 5), "qwen2_5_vl": (16, 5), "smolvlm": (18, 6)}
+
+
+class StandInProcessor:
+    """Deterministic token rows (BOS, prefix, the family's image span, text) and pixel inputs
+    for a batch, seeded by its prompts: stands in for the processor, nothing else changes."""
+
+    chat_template = None
+    image_token = "<image>"
+    image_processor = object()
+
+    def __init__(self, family: str):
+        self.family = family
+
+    def __call__(self, images=None, text=(), padding=True, return_tensors="pt"):
+        gen = torch.Generator().manual_seed(zlib.crc32("\n".join(text).encode()))
+        rows = build_token_rows(self.family, len(text), 10, gen)
+        input_ids, attention_mask = pad_rows(rows)
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                **pixel_inputs(self.family, len(text), gen), **extra_inputs(self.family, input_ids)}
+
+
+@pytest.mark.parametrize("family", list(STUB_FAMILIES))
+def test_cli_model_path_for_families_with_torchvision_processors(family, data_dir, tmp_path, monkeypatch):
+    model, _ = make_tiny_vlm(family)
+    model_dir = tmp_path / family
+    model.save_pretrained(model_dir)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained",
+                        staticmethod(lambda *a, **k: StandInProcessor(family)))
+    n, batch = STUB_FAMILIES[family]
+    out = tmp_path / "result.json"
+    rc, result = _run([
+        "evaluate", str(model_dir), "--images", str(data_dir / "images"), "--texts", str(data_dir / "texts.txt"),
+        "--num-samples", str(n), "--batch-size", str(batch), "--device", "cpu", "--out", str(out), "--no-progress",
+    ])
+    assert rc == 0
+    ref_mir, ref_fd = reference_run(model_dir, data_dir, n, batch)
+    assert result["mir"] == pytest.approx(ref_mir, rel=1e-6)
+    assert result["per_layer"]["fd"] == pytest.approx(ref_fd, rel=1e-6)
+    assert result["counts"]["samples"] == n and result["settings"]["image_token_id"] == IMAGE_TOKEN_ID
 
 
 def test_cli_options_layers_text_all_fast(model_dirs, data_dir, tmp_path):
