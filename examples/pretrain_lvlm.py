@@ -673,8 +673,9 @@ def main(argv=None):
     if mir_cls is not None:
         MIRCallback, MIREarlyStopping, find_hidden_state_modules = mir_cls
         # MIR on the validation batches (= the fixed held-out probe); masks come from batch["vision_mask"/"text_mask"]
+        # median_buffer above the probe's 900 tokens per modality: the outlier rule's median row is exact
         mir_cb = MIRCallback(layers=lambda pl_module: find_hidden_state_modules(pl_module.llm),
-                             probe_dataloader=None, name="mir")
+                             probe_dataloader=None, name="mir", median_buffer=1024)
         callbacks.insert(0, mir_cb)
         if args.early_stop:
             es_cb = MIREarlyStopping(monitor="mir", patience=args.es_patience, min_delta=args.es_min_delta)
