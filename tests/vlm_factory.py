@@ -67,10 +67,12 @@ def _text_config(model_type: str = "llama", **extra: Any) -> dict[str, Any]:
     return cfg
 
 
-def _vision_config(model_type: str, image_size: int = 32, patch_size: int = 8, **extra: Any) -> dict[str, Any]:
-    """A tiny CLIP/SigLIP-style vision tower config (2 layers, hidden 32)."""
-    return dict(model_type=model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, image_size=image_size, patch_size=patch_size, **extra)
+def _vision_config(model_type: str | None, image_size: int = 32, patch_size: int = 8, **extra: Any) -> dict[str, Any]:
+    """A tiny CLIP/SigLIP-style vision tower config (2 layers, hidden 32); no ``model_type``
+    key when it is None (the family's own vision config class is used)."""
+    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               image_size=image_size, patch_size=patch_size, **extra)
+    return cfg if model_type is None else {"model_type": model_type, **cfg}
 
 
 def make_tiny_config(family: str) -> Any:
@@ -96,19 +98,9 @@ def make_tiny_config(family: str) -> Any:
         )
     if family in ("qwen2_vl", "qwen2_5_vl"):
         is25 = family == "qwen2_5_vl"
-        text = dict(
-            model_type="qwen2_5_vl_text" if is25 else "qwen2_vl_text",
-            vocab_size=VOCAB_SIZE,
-            hidden_size=HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=NUM_LAYERS,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
+        text = _text_config(
+            "qwen2_5_vl_text" if is25 else "qwen2_vl_text",
             rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 10000.0},
-            pad_token_id=PAD_ID,
-            bos_token_id=BOS_ID,
-            eos_token_id=EOS_ID,
         )
         vision = dict(
             depth=2,
@@ -136,14 +128,7 @@ def make_tiny_config(family: str) -> Any:
         )
     if family in ("idefics3", "smolvlm"):
         cls = tf.Idefics3Config if family == "idefics3" else tf.SmolVLMConfig
-        vision = dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        )
+        vision = _vision_config(None)
         return cls(
             vision_config=vision,
             text_config=_text_config(),
