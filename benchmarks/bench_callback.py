@@ -98,22 +98,18 @@ def main() -> None:
         validate(model, probe, [])
     forward_flops = counter.get_total_flops()
 
-    def make_callback(state_dtype: torch.dtype):
+    compute_s: dict[int, list[float]] = {}  # seconds of the callback's compute() per validation run
+
+    def validate_with(callback: MIRCallback) -> None:
+        acc: dict[str, float] = {}
+        with C.timed_patches(acc, [(callback, "_compute", "compute")]):
+            validate(model, probe, [callback])
+        compute_s.setdefault(id(callback), []).append(acc.get("compute", 0.0))
+
+    def make_callback(state_dtype: torch.dtype) -> MIRCallback:
         callback = MIRCallback(layers=lambda pl_module: find_hidden_state_modules(pl_module.llm), log_figures=False,
                                state_dtype=state_dtype)
-        callback.compute_s = []
-        inner = callback._compute
-
-        def timed_compute(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                callback.compute_s.append(time.perf_counter() - t0)
-
-        callback._compute = timed_compute
         validate(model, probe, [callback])  # allocates the metric's state once, as in training
-        callback.compute_s.clear()
         return callback
 
     callbacks = {"float64 state (default)": make_callback(torch.float64), "float32 state": make_callback(torch.float32)}
@@ -121,7 +117,7 @@ def main() -> None:
     selected = int(stats["n_vision"][0] + stats["n_text"][0])
     cov_flops = 2 * D * D * L_ * selected
     routes = {"without callback": lambda: validate(model, probe, [])}
-    routes.update({f"MIRCallback, {name}": (lambda cb=cb: validate(model, probe, [cb])) for name, cb in callbacks.items()})
+    routes.update({f"MIRCallback, {name}": (lambda cb=cb: validate_with(cb)) for name, cb in callbacks.items()})
     times = C.run_interleaved(routes, repeats=a.repeats, warmup=False)
     t_without = C.median(times["without callback"])
     floor_share = cov_flops / forward_flops
@@ -143,7 +139,7 @@ def main() -> None:
     for name, cb in callbacks.items():
         t = times[f"MIRCallback, {name}"]
         extra = C.median(t) - t_without
-        t_compute = C.median(cb.compute_s)
+        t_compute = C.median(compute_s[id(cb)])
         per_token = extra - t_compute
         rows.append([name, f"{C.fmt(C.median(t))} ({C.fmt(min(t))}-{C.fmt(max(t))})", C.fmt(extra), C.fmt(t_compute),
                      C.fmt(per_token), C.fmt(extra / floor_s), C.fmt(per_token / floor_s), C.fmt(extra / t_without)])

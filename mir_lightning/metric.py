@@ -451,16 +451,16 @@ class ModalityIntegrationRate(Metric):
         median, exact = combined_lower_median(raw, hists)
         if not exact:
             if sketch == "nrm":
-                what = (f"norm_buffer={self.norm_buffer}", f"the median norm of the outlier rule is read from a "
-                        f"{self.norm_bins}-bin histogram (exact up to tokens whose norm lies within ~1e-4 of the "
-                        "3-sigma threshold)", "norm_buffer")
+                buffer, what = "norm_buffer", (
+                    f"the median norm of the outlier rule is read from a {self.norm_bins}-bin histogram (exact up to "
+                    "tokens whose norm lies within ~1e-4 of the 3-sigma threshold)")
             else:
-                what = (f"median_buffer={self.median_buffer}", "the per-dimension median row that replaces outliers "
-                        f"is interpolated from a {self.median_bins}-bin histogram per dimension (measured relative FD "
-                        "error <= 1e-6 on LLM-like data, ~1e-4 if FD is far below the traces; see README)",
-                        "median_buffer")
-            self._warn_once(f"approx-{sketch}", f"more than {what[0]} tokens of a modality in a layer: {what[1]}; "
-                            f"raise {what[2]} for an exact result")
+                buffer, what = "median_buffer", (
+                    "the per-dimension median row that replaces outliers is interpolated from a "
+                    f"{self.median_bins}-bin histogram per dimension (measured relative FD error <= 1e-6 on LLM-like "
+                    "data, ~1e-4 if FD is far below the traces; see README)")
+            self._warn_once(f"approx-{sketch}", f"more than {buffer}={getattr(self, buffer)} tokens of a modality in "
+                            f"a layer: {what}; raise {buffer} for an exact result")
         return median
 
     def _apply_outlier_rule(self, m: str, k: int, s: dict[str, Any]) -> tuple[Tensor, Tensor, int]:

@@ -24,7 +24,6 @@ from torch import Tensor
 __all__ = [
     "combined_lower_median",
     "histogram_add",
-    "histogram_edges",
     "histogram_grid",
     "moments_recentre",
     "moments_update",
@@ -128,11 +127,10 @@ def histogram_grid(rows: Tensor, max_rows: int = 256) -> tuple[Tensor, Tensor]:
     return med, quartile / GRID_ZOOM
 
 
-def histogram_edges(centre: Tensor, scale: Tensor, bins: int) -> Tensor:
-    """The ``bins - 1`` bin edges per column ``[D, bins - 1]`` (float64). Bin 0 holds
-    everything below the first edge, bin ``bins - 1`` everything from the last one on."""
-    t = torch.linspace(-_REACH, _REACH, bins - 1, dtype=torch.float64, device=centre.device)
-    return centre[:, None] + scale[:, None] * (t / (1.0 - t.abs()))
+def _grid_ends(centre: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """The first and last bin edge per column: ``centre -+ GRID_SPREAD`` quartile distances."""
+    reach = scale * (GRID_SPREAD * GRID_ZOOM)
+    return centre - reach, centre + reach
 
 
 def _bin_position(x: Tensor, centre: Tensor, scale: Tensor, bins: int) -> Tensor:
@@ -195,12 +193,12 @@ def combined_lower_median(
     if not histograms:
         return raw.median(dim=0).values, True
     d = raw.shape[1] if raw.numel() else histograms[0][0].shape[0]
-    cums = [(h.to(torch.float64).cumsum(1), c, w) for h, c, w in histograms]
+    cums = [(h.to(torch.float64).cumsum(1), centre, scale) for h, centre, scale in histograms]
     total = raw.shape[0] + sum(float(c[:, -1].max()) if c.numel() else 0.0 for c, _, _ in cums)
     target = float((int(round(total)) - 1) // 2 + 1)
-    edges = [histogram_edges(c, w, cum.shape[1]) for cum, c, w in cums]
-    lows = [e[:, 0] for e in edges]
-    highs = [e[:, -1] for e in edges]
+    ends = [_grid_ends(centre, scale) for _, centre, scale in cums]
+    lows = [lo for lo, _ in ends]
+    highs = [hi for _, hi in ends]
     if raw.shape[0]:
         lows.append(raw.min(0).values)
         highs.append(raw.max(0).values)
@@ -211,8 +209,8 @@ def combined_lower_median(
 
     def cdf(v: Tensor) -> Tensor:
         mass = (raw <= v).sum(0).to(torch.float64) if raw.shape[0] else torch.zeros_like(v)
-        for cum, lo, w in cums:
-            mass = mass + _histogram_cdf(cum, lo, w, v)
+        for cum, centre, scale in cums:
+            mass = mass + _histogram_cdf(cum, centre, scale, v)
         return mass
 
     # the histogram resolves the median to ~1e-3 quartile distances; 1e-10 of the bracket is plenty
