@@ -183,8 +183,11 @@ class ModalityIntegrationRate(Metric):
                 self.add_state(f"{m}_{sketch}_scale", torch.zeros(0, dtype=torch.float64), dist_reduce_fx=None)
 
     # ------------------------------------------------------------------ state layout
-    def _shapes(self, m: str) -> dict[str, tuple[tuple[int, ...], torch.dtype, float]]:
-        """name -> (shape, dtype, fill) of every state of modality ``m`` (histograms excluded)."""
+    def _shapes(self, m: str) -> dict[str, tuple[tuple[int, ...], torch.dtype, float | None]]:
+        """name -> (shape, dtype, fill) of every state of modality ``m`` (histograms excluded).
+
+        ``fill=None``: row buffers left uninitialised (only slots that counts or finite norms
+        mark as filled are ever read), so a reset costs no writes over them."""
         L, Dm, K, sd = self.num_layers, self.hidden_size, self.max_outliers, self.state_dtype
         Kb = self.bottom_capacity
         return {
@@ -194,16 +197,16 @@ class ModalityIntegrationRate(Metric):
             f"{m}_norm_sqsum": ((L,), torch.float64, 0),
             f"{m}_mean": ((L, Dm), sd, 0),
             f"{m}_m2": ((L, Dm, Dm), sd, 0),
-            f"{m}_top_rows": ((L, K, Dm), sd, 0),
+            f"{m}_top_rows": ((L, K, Dm), sd, None),
             f"{m}_top_norms": ((L, K), sd, -math.inf),
             f"{m}_top_dropped": ((L,), sd, -math.inf),
-            f"{m}_bottom_rows": ((L, Kb, Dm), sd, 0),
+            f"{m}_bottom_rows": ((L, Kb, Dm), sd, None),
             f"{m}_bottom_norms": ((L, Kb), sd, math.inf),
             f"{m}_bottom_dropped": ((L,), sd, math.inf),
-            f"{m}_med_rows": ((L, self.median_buffer, Dm), torch.float32, 0),
+            f"{m}_med_rows": ((L, self.median_buffer, Dm), torch.float32, None),
             f"{m}_med_centre": ((L, Dm), torch.float64, 0),
             f"{m}_med_scale": ((L, Dm), torch.float64, 0),
-            f"{m}_nrm_rows": ((L, self.norm_buffer, 1), torch.float32, 0),
+            f"{m}_nrm_rows": ((L, self.norm_buffer, 1), torch.float32, None),
             f"{m}_nrm_centre": ((L, 1), torch.float64, 0),
             f"{m}_nrm_scale": ((L, 1), torch.float64, 0),
         }
@@ -219,7 +222,10 @@ class ModalityIntegrationRate(Metric):
             return
         for m in MODALITIES:
             for name, (shape, dtype, fill) in self._shapes(m).items():
-                setattr(self, name, torch.full(shape, fill, dtype=dtype, device=self.device))
+                if fill is None:
+                    setattr(self, name, torch.empty(shape, dtype=dtype, device=self.device))
+                else:
+                    setattr(self, name, torch.full(shape, fill, dtype=dtype, device=self.device))
 
     def _histogram(self, m: str, sketch: str) -> Tensor:
         name = f"{m}_{sketch}_hist"
@@ -327,9 +333,13 @@ class ModalityIntegrationRate(Metric):
             for m, mask in (("vision", vision_mask), ("text", text_mask)):
                 rows = hidden[mask.to(hidden.device)]
                 if rows.shape[0]:
-                    self._fold(m, k, rows.to(device=self.device, dtype=self.state_dtype))
+                    self._fold(m, k, rows.to(device=self.device))
 
-    def _fold(self, m: str, k: int, rows: Tensor) -> None:
+    def _fold(self, m: str, k: int, selected: Tensor) -> None:
+        """Fold the selected tokens ``[n, D]`` (input dtype, on the metric's device; a copy this
+        method may overwrite) of one modality and layer. The median sketch bins them in their
+        own dtype (float32 for half-precision inputs), the rest works in the state dtype."""
+        rows = selected.to(self.state_dtype)
         norms = rows.norm(dim=1)
         finite = torch.isfinite(norms)  # a non-finite value makes its row's norm non-finite
         if not bool(finite.all()):
@@ -342,12 +352,11 @@ class ModalityIntegrationRate(Metric):
                     "pass nan_strategy='skip' to drop and count them"
                 )
             getattr(self, f"{m}_nonfinite")[k] += bad
-            rows, norms = rows[finite], norms[finite]
+            rows, norms, selected = rows[finite], norms[finite], selected[finite]
             if not rows.shape[0]:
                 return
         count = getattr(self, f"{m}_count")
         seen = int(count[k])
-        count[k] = moments_update(seen, getattr(self, f"{m}_mean")[k], getattr(self, f"{m}_m2")[k], rows)
         norms64 = norms.to(torch.float64)
         getattr(self, f"{m}_norm_sum")[k] += norms64.sum()
         getattr(self, f"{m}_norm_sqsum")[k] += (norms64 * norms64).sum()
@@ -356,8 +365,11 @@ class ModalityIntegrationRate(Metric):
                 getattr(self, f"{m}_{end}_rows")[k], getattr(self, f"{m}_{end}_norms")[k],
                 getattr(self, f"{m}_{end}_dropped")[k], rows, norms, largest=end == "top",
             )
-        self._sketch_add(m, "med", k, seen, rows)
+        self._sketch_add(m, "med", k, seen, selected)
         self._sketch_add(m, "nrm", k, seen, norms[:, None])
+        # last: centres `rows` in place (a copy made by the mask selection; may be `selected`)
+        mean, m2 = getattr(self, f"{m}_mean")[k], getattr(self, f"{m}_m2")[k]
+        count[k] = moments_update(seen, mean, m2, rows, overwrite=True)
 
     def _sketch_add(self, m: str, sketch: str, k: int, seen: int, x: Tensor) -> None:
         _, capacity, _ = self._sketch_size(sketch)

@@ -31,17 +31,19 @@ __all__ = [
 ]
 
 
-def moments_update(count: int, mean: Tensor, m2: Tensor, x: Tensor) -> int:
+def moments_update(count: int, mean: Tensor, m2: Tensor, x: Tensor, overwrite: bool = False) -> int:
     """Fold rows ``x [n, D]`` into ``(count, mean [D], m2 [D, D])`` in place; return the new count.
 
     Uses the centred batch product ``(x - xbar)^T (x - xbar)`` and Chan et al.'s merge, so
     the state stays accurate in float32 even when the mean is large against the spread.
+    ``overwrite=True`` centres ``x`` in place instead of in a copy (x is then lost; ~15%
+    faster on CPU at D = 1024).
     """
     n = x.shape[0]
     if n == 0:
         return count
     batch_mean = x.mean(0)
-    centred = x - batch_mean
+    centred = x.sub_(batch_mean) if overwrite else x - batch_mean
     total = count + n
     delta = batch_mean - mean
     m2.addmm_(centred.mT, centred)
@@ -89,9 +91,12 @@ def tails_update(rows: Tensor, norms: Tensor, dropped: Tensor, x: Tensor, x_norm
     if bool(lost.any()):
         extreme = all_norms[lost].max() if largest else all_norms[lost].min()
         dropped.copy_(torch.maximum(dropped, extreme) if largest else torch.minimum(dropped, extreme))
-    all_rows = torch.cat([rows, x.to(rows.dtype)])
-    norms.copy_(all_norms[keep])
-    rows.copy_(all_rows[keep])
+    # new rows that made it move into the slots of the kept rows that did not (as many)
+    incoming = keep[keep >= k] - k
+    if incoming.numel():
+        freed = lost[:k].nonzero().squeeze(1)
+        rows[freed] = x[incoming].to(rows.dtype)
+        norms[freed] = x_norms[incoming]
 
 
 GRID_SPREAD = 7.0
@@ -133,11 +138,30 @@ def _grid_ends(centre: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     return centre - reach, centre + reach
 
 
-def _bin_position(x: Tensor, centre: Tensor, scale: Tensor, bins: int) -> Tensor:
-    """Continuous position of ``x`` on the grid: 0 at the first edge, ``bins - 2`` at the last."""
-    u = (x - centre).div_(scale)
-    t = u.div_(u.abs().add_(1.0))
-    return t.add_(_REACH).mul_((bins - 2) / (2 * _REACH))
+def _bin_position(
+    x: Tensor,
+    centre: Tensor,
+    inverse_scale: Tensor,
+    bins: int,
+    offset: float = 0.0,
+    buffers: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Continuous position of ``x`` on the grid: ``offset`` at the first edge, ``bins - 2 + offset``
+    at the last (``centre`` and ``inverse_scale`` broadcast against ``x``). Five elementwise
+    passes, into two new tensors or into ``buffers`` (each shaped like ``x``; the result is the
+    second)."""
+    half = (bins - 2) / 2
+    u_out, result_out = buffers if buffers is not None else (None, None)
+    u = torch.sub(x, centre, out=u_out).mul_(inverse_scale)  # u = (x - centre) / scale
+    t_denominator = torch.abs(u, out=result_out).add_(1.0)  # 1 + |u|
+    base = torch.tensor(half + offset, dtype=u.dtype, device=u.device)
+    return torch.addcdiv(base, u, t_denominator, value=half / _REACH, out=t_denominator)
+
+
+def _chunk_rows(columns: int, device: torch.device) -> int:
+    """Rows per chunk of :func:`histogram_add`: ~256K values on CPU (the buffers stay in cache),
+    ~16M on other devices (fewer kernel launches)."""
+    return max(1, (2**18 if device.type == "cpu" else 2**24) // max(columns, 1))
 
 
 def histogram_add(hist: Tensor, centre: Tensor, scale: Tensor, x: Tensor) -> None:
@@ -145,16 +169,30 @@ def histogram_add(hist: Tensor, centre: Tensor, scale: Tensor, x: Tensor) -> Non
 
     Bin positions are computed in ``x``'s dtype (float64 or float32; others go through
     float32): in float32 a value within a few rounding steps of an edge may land in the
-    neighbouring bin, no more than the rounding already in ``x``.
+    neighbouring bin, no more than the rounding already in ``x``. Rows go through in chunks,
+    transposed to ``[D, rows]`` so that each column's counts are added in one contiguous
+    run (a flat scatter over ``[n, D]`` order cost ~5x more on CPU).
     """
     d, b = hist.shape
-    if not x.shape[0]:
+    n = x.shape[0]
+    if not n:
         return
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    pos = _bin_position(x.to(dtype), centre.to(dtype), scale.to(dtype), b).add_(1).clamp_(0, b - 1)
-    idx = pos.to(torch.int64).add_(torch.arange(d, device=x.device) * b)
-    ones = torch.ones((), dtype=hist.dtype, device=hist.device).expand(idx.numel())
-    hist.view(-1).scatter_add_(0, idx.view(-1), ones)
+    centre_col = centre.to(dtype).reshape(d, 1)
+    inverse_col = scale.reciprocal().to(dtype).reshape(d, 1)
+    rows = min(n, _chunk_rows(d, x.device))
+    u_buffer = torch.empty(d, rows, dtype=dtype, device=x.device)
+    position_buffer = torch.empty_like(u_buffer)
+    index_buffer = torch.empty(d, rows, dtype=torch.int64, device=x.device)
+    ones = torch.ones((), dtype=hist.dtype, device=hist.device)
+    for start in range(0, n, rows):
+        chunk = x[start : start + rows].mT.to(dtype)
+        m = chunk.shape[1]
+        buffers = (u_buffer[:, :m], position_buffer[:, :m])
+        pos = _bin_position(chunk, centre_col, inverse_col, b, offset=1.0, buffers=buffers).clamp_(0, b - 1)
+        index = index_buffer[:, :m]
+        index.copy_(pos)  # truncation = floor (pos >= 0)
+        hist.scatter_add_(1, index, ones.expand(d, m))
 
 
 def _histogram_cdf(cum: Tensor, centre: Tensor, scale: Tensor, v: Tensor) -> Tensor:
@@ -164,7 +202,7 @@ def _histogram_cdf(cum: Tensor, centre: Tensor, scale: Tensor, v: Tensor) -> Ten
     open-ended bins count as point masses at the grid's ends.
     """
     b = cum.shape[1]
-    pos = _bin_position(v, centre, scale, b)
+    pos = _bin_position(v, centre, scale.reciprocal(), b)
     i = torch.floor(pos).clamp(0, b - 3).long() + 1  # interior bin holding v (1..B-2)
     frac = (pos - (i - 1)).clamp(0.0, 1.0)
     prev = cum.gather(1, (i - 1)[:, None]).squeeze(1)
