@@ -18,10 +18,12 @@ All functions act on one layer's tensors (views into the metric's stacked state)
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
+    "column_order_statistics",
     "combined_lower_median",
     "histogram_add",
     "histogram_grid",
@@ -99,6 +101,18 @@ def tails_update(rows: Tensor, norms: Tensor, dropped: Tensor, x: Tensor, x_norm
         norms[freed] = x_norms[incoming]
 
 
+def column_order_statistics(x: Tensor, ranks: list[int]) -> Tensor:
+    """The ``ranks``-th smallest values (0-based) of every column of ``x [m, D]``: ``[len(ranks), D]``
+    float64, exact. On CPU numpy's introselect (2-6x faster there than torch's sort or
+    median), elsewhere a torch sort."""
+    if x.device.type == "cpu":
+        values = x.detach()
+        if values.dtype not in (torch.float32, torch.float64):
+            values = values.to(torch.float32)  # monotone and exact for half types
+        return torch.from_numpy(np.partition(values.numpy(), ranks, axis=0)[ranks]).to(torch.float64)
+    return x.sort(dim=0).values[ranks].to(torch.float64)
+
+
 GRID_SPREAD = 7.0
 """The grid reaches this many quartile distances either side of the sample median."""
 GRID_ZOOM = 4.0
@@ -122,11 +136,8 @@ def histogram_grid(rows: Tensor, max_rows: int = 256) -> tuple[Tensor, Tensor]:
     """
     if rows.shape[0] > max_rows:
         rows = rows[torch.linspace(0, rows.shape[0] - 1, max_rows, device=rows.device).round().long()]
-    ordered = rows.to(torch.float64).mT.contiguous().sort(dim=1).values.mT
-    m = ordered.shape[0]
-    med = ordered[(m - 1) // 2]
-    q_lo = ordered[int(0.25 * (m - 1))]
-    q_hi = ordered[int(round(0.75 * (m - 1)))]
+    m = rows.shape[0]
+    med, q_lo, q_hi = column_order_statistics(rows, [(m - 1) // 2, int(0.25 * (m - 1)), int(round(0.75 * (m - 1)))])
     quartile = torch.maximum(q_hi - med, med - q_lo)
     quartile = torch.maximum(quartile, 1e-7 * med.abs() + 1e-30)
     return med, quartile / GRID_ZOOM
@@ -160,8 +171,8 @@ def _bin_position(
 
 def _chunk_rows(columns: int, device: torch.device) -> int:
     """Rows per chunk of :func:`histogram_add`: ~256K values on CPU (the buffers stay in cache),
-    ~16M on other devices (fewer kernel launches)."""
-    return max(1, (2**18 if device.type == "cpu" else 2**24) // max(columns, 1))
+    ~4M on accelerators (few kernel launches; 64 MiB of temporaries)."""
+    return max(1, (2**18 if device.type == "cpu" else 2**22) // max(columns, 1))
 
 
 def histogram_add(hist: Tensor, centre: Tensor, scale: Tensor, x: Tensor) -> None:
@@ -227,9 +238,9 @@ def combined_lower_median(
         spread uniformly within bins) reaches the lower-median rank, found by bisection.
         ``exact`` is False when a histogram was used.
     """
-    raw = raw.to(torch.float64)
     if not histograms:
-        return raw.median(dim=0).values, True
+        return column_order_statistics(raw, [(raw.shape[0] - 1) // 2])[0], True
+    raw = raw.to(torch.float64)
     d = raw.shape[1] if raw.numel() else histograms[0][0].shape[0]
     cums = [(h.to(torch.float64).cumsum(1), centre, scale) for h, centre, scale in histograms]
     total = raw.shape[0] + sum(float(c[:, -1].max()) if c.numel() else 0.0 for c, _, _ in cums)

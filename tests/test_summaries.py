@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from mir_lightning.summaries import GRID_SPREAD, GRID_ZOOM, histogram_add, histogram_grid, tails_update
+from mir_lightning import summaries
+from mir_lightning.summaries import (
+    GRID_SPREAD,
+    GRID_ZOOM,
+    column_order_statistics,
+    histogram_add,
+    histogram_grid,
+    tails_update,
+)
 
 
 def test_tails_keep_the_k_most_extreme_rows_and_the_most_extreme_dropped_norm():
@@ -27,7 +36,10 @@ def test_tails_keep_the_k_most_extreme_rows_and_the_most_extreme_dropped_norm():
         assert float(dropped) == norms.numpy()[next_one]
 
 
-def test_histogram_counts_match_numpy_binning():
+@pytest.mark.parametrize("chunk_rows", [None, 97])
+def test_histogram_counts_match_numpy_binning(chunk_rows, monkeypatch):
+    if chunk_rows is not None:  # many chunks per call, the last one partial
+        monkeypatch.setattr(summaries, "_chunk_rows", lambda columns, device: chunk_rows)
     g = torch.Generator().manual_seed(1)
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
         x = (torch.randn(3000, 5, generator=g, dtype=torch.float64) * torch.tensor([1.0, 0.1, 5.0, 1e-3, 2.0]) + 40).to(dtype)
@@ -57,3 +69,15 @@ def test_histogram_counts_match_numpy_binning():
             mid = np.searchsorted(edges, np.median(xs[:500, j]))
             uniform = (edges[-1] - edges[0]) / (bins - 2)
             assert edges[mid] - edges[mid - 1] < 0.2 * uniform
+
+
+def test_column_order_statistics_match_numpy_sort():
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        x = (torch.randn(301, 7, generator=g, dtype=torch.float64) * 3).to(dtype)
+        x[5:40, 2] = x[4, 2]  # ties
+        ranks = [0, 75, 150, 300]
+        want = np.sort(x.to(torch.float64).numpy(), axis=0)[ranks]
+        got = column_order_statistics(x, ranks)
+        assert got.dtype == torch.float64
+        np.testing.assert_array_equal(got.numpy(), want)
