@@ -86,9 +86,9 @@ def profile_update(metric: ModalityIntegrationRate, batches, runs: int = 3):
     acc: dict[str, float] = {}
     names = {
         ("M", "moments_update"): "moments_update (centred GEMM + Chan merge)",
-        ("M", "tails_update"): "tails_update x2 (cat + top-k of rows)",
+        ("M", "tails_update"): "tails_update x2 (top-k of norms, entering rows copied)",
         ("metric", "_sketch_add"): "median/norm sketches (_sketch_add)",
-        ("M", "histogram_add"): "  of which histogram_add (grid position, scatter-add)",
+        ("M", "histogram_add"): "  of which histogram_add (grid position, scatter-add by column)",
         ("metric", "_validate_masks"): "mask validation",
         ("metric", "_fold"): "_fold total",
     }
