@@ -266,7 +266,7 @@ def profile_compute(metric: ModalityIntegrationRate, runs: int = 3) -> tuple[lis
     accounted = sum(med.get(k, 0.0) for k in ("merge (_merged_layer: gathers, casts, tails top-k, sketch copies)",
                                               "outlier rule (_apply_outlier_rule, incl. medians)",
                                               "Frechet terms (frechet_terms)"))
-    rows.append(["rest of compute() (scaling, symmetrising covs, bookkeeping)", total - accounted, (total - accounted) / total])
+    rows.append(["rest of compute() (scaling covs, bookkeeping)", total - accounted, (total - accounted) / total])
     rows.append(["total compute()", total, 1.0])
 
     # aten-level view (one run)

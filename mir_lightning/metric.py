@@ -505,9 +505,9 @@ class ModalityIntegrationRate(Metric):
         y = outliers - mean
         ym = median_row - mean
         shift = count * ym - y.sum(0)
-        m2 = m2 - y.mT @ y
-        m2 = torch.addr(m2, ym, ym, alpha=float(count))
-        m2 = torch.addr(m2, shift, shift, alpha=-1.0 / n)
+        m2 = torch.addmm(m2, y.mT, y, alpha=-1.0)  # a new matrix: the state stays as it is
+        m2.addr_(ym, ym, alpha=float(count))
+        m2.addr_(shift, shift, alpha=-1.0 / n)
         return mean + shift / n, m2, count
 
     def _layer_result(self, k: int, group: Any) -> dict[str, float | Tensor]:
@@ -536,8 +536,9 @@ class ModalityIntegrationRate(Metric):
             result[f"outliers_{m}"] = outliers
             scale = scales[m]
             means[m] = (mean * scale).to(device)
+            # symmetric up to rounding; no explicit symmetrising: the Cholesky reads one
+            # triangle and trace_sqrt_product symmetrises the product it solves
             covs[m] = (m2 * (scale * scale / (s["n"] - 1))).to(device)
-            covs[m] = 0.5 * (covs[m] + covs[m].mT)
         # factor the better-sampled covariance (Cholesky needs it positive definite)
         first, second = ("text", "vision") if nt >= nv else ("vision", "text")
         terms = frechet_terms(means[first], covs[first], means[second], covs[second], self.sqrt_mode)
