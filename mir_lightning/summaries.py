@@ -172,9 +172,12 @@ def _bin_position(
 
 
 def _chunk_rows(columns: int, device: torch.device) -> int:
-    """Rows per chunk of :func:`histogram_add`: ~256K values on CPU (the buffers stay in cache),
-    ~4M on accelerators (few kernel launches; 64 MiB of temporaries)."""
-    return max(1, (2**18 if device.type == "cpu" else 2**22) // max(columns, 1))
+    """Rows per chunk of :func:`histogram_add`: on CPU ~256K values (the buffers stay in cache)
+    but at least 256 rows (shorter runs per column made the scatter 2x slower at D = 4096);
+    ~4M values on accelerators (few kernel launches; 64 MiB of temporaries)."""
+    if device.type == "cpu":
+        return max(256, 2**18 // max(columns, 1))
+    return max(1, 2**22 // max(columns, 1))
 
 
 def histogram_add(hist: Tensor, centre: Tensor, scale: Tensor, x: Tensor) -> None:
