@@ -211,14 +211,15 @@ def histogram_add(hist: Tensor, centre: Tensor, scale: Tensor, x: Tensor) -> Non
         hist.scatter_add_(1, index, ones.expand(d, m))
 
 
-def _histogram_cdf(cum: Tensor, centre: Tensor, scale: Tensor, v: Tensor) -> Tensor:
-    """Histogram mass ``<= v`` per column from cumulative counts ``cum [D, B]``.
+def _histogram_cdf(cum: Tensor, centre: Tensor, inverse_scale: Tensor, v: Tensor) -> Tensor:
+    """Histogram mass ``<= v`` per column from cumulative counts ``cum [D, B]`` (grid ``centre``,
+    ``1 / scale``).
 
     Interior bins spread their mass uniformly in the grid's coordinate ``t``; the
     open-ended bins count as point masses at the grid's ends.
     """
     b = cum.shape[1]
-    pos = _bin_position(v, centre, scale.reciprocal(), b)
+    pos = _bin_position(v, centre, inverse_scale, b)
     i = torch.floor(pos).clamp(0, b - 3).long() + 1  # interior bin holding v (1..B-2)
     frac = (pos - (i - 1)).clamp(0.0, 1.0)
     prev = cum.gather(1, (i - 1)[:, None]).squeeze(1)
@@ -247,10 +248,11 @@ def combined_lower_median(
         return column_order_statistics(raw, [(raw.shape[0] - 1) // 2])[0], True
     raw = raw.to(torch.float64)
     d = raw.shape[1] if raw.numel() else histograms[0][0].shape[0]
-    cums = [(h.to(torch.float64).cumsum(1), centre, scale) for h, centre, scale in histograms]
+    # cumulative counts and inverse scales once: the bisection below reads them ~50 times
+    cums = [(h.to(torch.float64).cumsum(1), centre, scale.reciprocal()) for h, centre, scale in histograms]
     total = raw.shape[0] + sum(float(c[:, -1].max()) if c.numel() else 0.0 for c, _, _ in cums)
     target = float((int(round(total)) - 1) // 2 + 1)
-    ends = [_grid_ends(centre, scale) for _, centre, scale in cums]
+    ends = [_grid_ends(centre, scale) for _, centre, scale in histograms]
     lows = [lo for lo, _ in ends]
     highs = [hi for _, hi in ends]
     if raw.shape[0]:
@@ -263,8 +265,8 @@ def combined_lower_median(
 
     def cdf(v: Tensor) -> Tensor:
         mass = (raw <= v).sum(0).to(torch.float64) if raw.shape[0] else torch.zeros_like(v)
-        for cum, centre, scale in cums:
-            mass = mass + _histogram_cdf(cum, centre, scale, v)
+        for cum, centre, inverse_scale in cums:
+            mass = mass + _histogram_cdf(cum, centre, inverse_scale, v)
         return mass
 
     # the histogram resolves the median to ~1e-3 quartile distances; 1e-10 of the bracket is plenty
