@@ -1,0 +1,340 @@
+"""MoCa (mir_lightning.moca) on a tiny Hugging Face LLaVA, against hand computations."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytest.importorskip("transformers")
+
+from mir_lightning import ModalityIntegrationRate  # noqa: E402
+from mir_lightning.capture import LayerCapture  # noqa: E402
+from mir_lightning.integrations.transformers import (  # noqa: E402
+    find_decoder_layers,
+    find_final_norm,
+    find_hidden_state_modules,
+)
+from mir_lightning.moca import MoCa  # noqa: E402
+
+from lightning_helpers import official_masks  # noqa: E402
+from reference import reference_from_hidden  # noqa: E402
+from vlm_factory import HIDDEN, IMAGE_TOKEN_ID, NUM_LAYERS, make_tiny_causal_lm, make_tiny_vlm  # noqa: E402
+
+
+@pytest.fixture()
+def llava():
+    model, make_inputs = make_tiny_vlm("llava")
+    return model, make_inputs(3, 5)
+
+
+def _layer_inputs(model: torch.nn.Module, batch: dict) -> tuple[list[torch.Tensor], object]:
+    """What each decoder layer after the first, and the final norm, receive as their input
+    (i.e. the outputs of layers 0 .. K-1 after every hook), and the model's outputs."""
+    receivers = [*list(find_decoder_layers(model))[1:], find_final_norm(model)]
+    seen: list[torch.Tensor] = []
+
+    def pre_hook(_module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in receivers]
+    try:
+        with torch.no_grad():
+            out = model(**batch, output_hidden_states=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, out
+
+
+def test_attach_registers_parameters_and_is_identity_at_init(llava):
+    model, batch = llava
+    with torch.no_grad():
+        before = model(**batch, output_hidden_states=True)
+    moca = MoCa.attach(model)
+    assert model.moca is moca
+    assert moca.scale.shape == moca.shift.shape == (NUM_LAYERS, HIDDEN)
+    assert moca.scale.dtype == moca.shift.dtype == torch.float32
+    assert torch.equal(moca.scale, torch.ones(NUM_LAYERS, HIDDEN))
+    assert torch.equal(moca.shift, torch.zeros(NUM_LAYERS, HIDDEN))
+    params = dict(model.named_parameters())
+    assert params["moca.scale"] is moca.scale and params["moca.shift"] is moca.shift
+    state = model.state_dict()
+    assert torch.equal(state["moca.scale"], moca.scale) and torch.equal(state["moca.shift"], moca.shift)
+    # an optimizer built afterwards holds them
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert {id(moca.scale), id(moca.shift)} <= held
+    with torch.no_grad():
+        after = model(**batch, output_hidden_states=True)
+    assert torch.equal(after.logits, before.logits)
+    for a, b in zip(after.hidden_states, before.hidden_states):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_layer_vision_outputs_are_scaled_and_shifted(llava, dtype):
+    model, batch = llava
+    model = model.to(dtype)
+    raw, _ = _layer_inputs(model, batch)  # without MoCa: layer 0's output as layer 1 receives it
+    moca = MoCa.attach(model)
+    assert moca.scale.dtype == torch.float32  # the map is computed in float32 for any model dtype
+    with torch.no_grad():
+        moca.scale.fill_(1.5)
+        moca.shift.fill_(0.25)
+    calibrated, out = _layer_inputs(model, batch)
+    vision = batch["input_ids"] == IMAGE_TOKEN_ID
+    assert int(vision.sum()) == 3 * 16
+    h, got = raw[0], calibrated[0]
+    assert got.dtype == dtype
+    expected = 1.5 * h[vision].double() + 0.25  # by hand, in float64
+    # float32: two roundings (product, sum), each <= eps/2 relative; bfloat16: one rounding of
+    # the float32 result to 8 bits. Bound: 2 eps of the dtype times |expected|. The shift alone
+    # (0.25) is > 100x this bound for every entry here (|expected| < 2).
+    eps = torch.finfo(dtype).eps
+    error = (got[vision].double() - expected).abs()
+    assert bool((error <= 2 * eps * expected.abs()).all()), float((error / expected.abs()).max())
+    assert float(expected.abs().max()) < 2
+    # text, system prompt and padding positions: bit for bit what layer 0 produced
+    assert torch.equal(got[~vision], h[~vision])
+    assert bool((~batch["attention_mask"].bool()).any())  # the batch does contain padding
+    # MoCa's hooks run first, so transformers' output_hidden_states records calibrated values
+    assert torch.equal(out.hidden_states[1], got)
+
+
+def test_gradients_reach_scale_and_shift_as_derived_by_hand(llava):
+    """At init (identity) the last layer's calibration gives, with x the final norm's input
+    and g = dL/dx: dL/dshift[K-1] = sum of g over vision rows, dL/dscale[K-1] = sum of g * x."""
+    model, batch = llava
+    moca = MoCa.attach(model)
+    norm = find_final_norm(model)
+    seen = {}
+
+    def keep_input(_module, args):
+        args[0].retain_grad()
+        seen["x"] = args[0]
+
+    handle = norm.register_forward_pre_hook(keep_input)
+    try:
+        out = model(**batch)
+        loss = out.logits.float().pow(2).mean()
+        loss.backward()
+    finally:
+        handle.remove()
+    x, g = seen["x"].detach().double(), seen["x"].grad.double()
+    vision = batch["input_ids"] == IMAGE_TOKEN_ID
+    expected_shift = g[vision].sum(0)
+    expected_scale = (g * x)[vision].sum(0)
+    # float32 autograd vs float64 sums of the same float32 gradients: measured max relative
+    # difference ~1e-6 of the largest entry; 1e-4 leaves a margin and still fails on any
+    # missing or extra position (each contributes ~1e-2 of the sum)
+    for got, want in ((moca.shift.grad[-1], expected_shift), (moca.scale.grad[-1], expected_scale)):
+        assert float((got.double() - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    for k in range(NUM_LAYERS):
+        assert float(moca.scale.grad[k].abs().max()) > 0 and float(moca.shift.grad[k].abs().max()) > 0
+
+
+def test_remove_restores_the_model_bit_for_bit(llava):
+    model, batch = llava
+    hooks_before = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    with torch.no_grad():
+        before = model(**batch, output_hidden_states=True)
+    moca = MoCa.attach(model)
+    with torch.no_grad():
+        moca.scale.uniform_(0.5, 2.0)
+        moca.shift.normal_(0.0, 0.5)
+        changed = model(**batch).logits
+    assert not torch.equal(changed, before.logits)
+    moca.remove()
+    moca.remove()  # a second call does nothing
+    assert not hasattr(model, "moca")
+    assert not any(k.startswith("moca") for k in model.state_dict())
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks_before
+    with torch.no_grad():
+        after = model(**batch, output_hidden_states=True)
+    assert torch.equal(after.logits, before.logits)
+    for a, b in zip(after.hidden_states, before.hidden_states):
+        assert torch.equal(a, b)
+
+
+def test_attaching_twice_raises(llava):
+    model, _ = llava
+    MoCa.attach(model)
+    with pytest.raises(RuntimeError, match="already has MoCa"):
+        MoCa.attach(model)
+    wrapper = torch.nn.ModuleDict({"vlm": model})
+    with pytest.raises(RuntimeError, match="already has MoCa"):
+        MoCa.attach(wrapper)
+    model.moca.remove()
+    MoCa.attach(wrapper)  # on a wrapper: the inner model's layers are hooked once only
+    with pytest.raises(RuntimeError, match="already calibrated"):
+        MoCa.attach(model)
+
+
+def test_clear_errors_when_the_vision_mask_cannot_be_found(llava):
+    model, batch = llava
+    MoCa.attach(model)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        with pytest.raises(ValueError, match="input_ids"):
+            model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+        with pytest.raises(RuntimeError, match="ran outside LlavaForConditionalGeneration.forward"):
+            model.model.language_model(inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="image_token_id"):
+        MoCa.attach(make_tiny_causal_lm())  # no image token in a plain LM's config
+
+
+def test_given_layers_and_vision_mask_function(llava):
+    """``layers=`` and ``vision_mask=``: only the chosen layer and positions change."""
+    model, batch = llava
+    raw, _ = _layer_inputs(model, batch)
+    chosen = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    chosen[:, 1:3] = True  # two prefix (text) positions, an arbitrary choice
+    moca = MoCa.attach(model, layers=[find_decoder_layers(model)[1]], vision_mask=lambda inputs: chosen)
+    assert moca.scale.shape == (1, HIDDEN)
+    with torch.no_grad():
+        moca.shift.fill_(0.25)
+    calibrated, _ = _layer_inputs(model, batch)
+    assert torch.equal(calibrated[0], raw[0])  # layer 0 not hooked
+    out1 = calibrated[1]
+    h1 = raw[1]  # layer 1's input is unchanged, so its own output before MoCa is raw[1]
+    assert torch.equal(out1[~chosen], h1[~chosen])
+    torch.testing.assert_close(out1[chosen], h1[chosen] + 0.25, rtol=0, atol=1e-6)
+
+
+def test_generation_uses_the_calibrated_cache(llava):
+    """Greedy generation with the KV cache equals full forwards of the growing sequence."""
+    model, _ = llava
+    _, make_inputs = make_tiny_vlm("llava")
+    batch = make_inputs(1, 5)
+    moca = MoCa.attach(model)
+    with torch.no_grad():
+        moca.scale.uniform_(0.5, 2.0)
+        moca.shift.normal_(0.0, 0.5)
+        generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        ids = batch["input_ids"]
+        for _ in range(3):
+            full = dict(batch, input_ids=ids, attention_mask=torch.ones_like(ids))
+            next_id = model(**full).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+    assert torch.equal(generated, ids)
+
+
+@pytest.mark.parametrize("capture_first", [True, False])
+def test_mir_from_layer_capture_sees_calibrated_states(capture_first):
+    """ModalityIntegrationRate fed by LayerCapture hooks, registered before or after MoCa,
+    equals the float64 reference on the states the next layers receive."""
+    model, make_inputs = make_tiny_vlm("llava")
+    batch = make_inputs(6, 20)
+    vision, text = official_masks(batch)
+    modules = find_hidden_state_modules(model)
+    metric = ModalityIntegrationRate(len(modules), HIDDEN)
+    capture = LayerCapture(modules)
+
+    def sink(k, hidden):
+        metric.update_layer(k, hidden, vision, text)
+
+    if capture_first:
+        capture.attach(sink)
+    moca = MoCa.attach(model)
+    if not capture_first:
+        capture.attach(sink)
+    with torch.no_grad():
+        moca.scale.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(1))
+        moca.shift.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
+    capture.active = True
+    received, _ = _layer_inputs(model, batch)
+    capture.detach()
+    norm = find_final_norm(model)
+    with torch.no_grad():
+        hidden = [*received[:-1], norm(received[-1])]  # hidden_states[1:] convention: last after the norm
+    _, ref_fd, _ = reference_from_hidden(hidden, vision, text)
+    # measured: metric vs reference agree to ~1e-12 relative per layer; the calibration moves
+    # the per-layer FD by > 10% (checked below), so 1e-6 separates the two by far
+    got_fd = metric.per_layer_fd().double().numpy()
+    assert np.allclose(got_fd, ref_fd, rtol=1e-6, atol=0), (got_fd, ref_fd)
+    moca.remove()
+    raw, _ = _layer_inputs(model, batch)
+    with torch.no_grad():
+        _, raw_fd, _ = reference_from_hidden([*raw[:-1], norm(raw[-1])], vision, text)
+    assert np.all(np.abs(raw_fd / ref_fd - 1) > 0.1), (raw_fd, ref_fd)
+
+
+# ----------------------------------------------------------------------------- DDP
+DDP_STEPS, DDP_LR, DDP_BATCH = 3, 2.0, 4
+
+
+def _ddp_batch() -> dict:
+    _, make_inputs = make_tiny_vlm("llava")
+    return make_inputs(DDP_BATCH, 6, seed=3)
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """MoCa and the projector train (as in the paper's pre-training); everything else is frozen."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(("moca.", "model.multi_modal_projector.")))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Mean over rows of each row's mean next-token cross entropy (equal on any split of rows)."""
+    logits = model(**batch).logits[:, :-1].float()
+    targets = batch["input_ids"][:, 1:]
+    weight = batch["attention_mask"][:, 1:].float()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return ((ce * weight).sum(1) / weight.sum(1)).mean()
+
+
+def _train(model: torch.nn.Module, batch: dict, params: list[torch.nn.Parameter]) -> None:
+    optimizer = torch.optim.SGD(params, lr=DDP_LR)
+    for _ in range(DDP_STEPS):
+        optimizer.zero_grad()
+        _loss(model, batch).backward()
+        optimizer.step()
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        model, _ = make_tiny_vlm("llava")
+        MoCa.attach(model)
+        params = _trainable(model)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        share = DDP_BATCH // world
+        batch = {k: v[rank * share:(rank + 1) * share] for k, v in _ddp_batch().items()}
+        _train(ddp, batch, params)
+        torch.save({k: v.detach().clone() for k, v in model.moca.state_dict().items()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_trains_moca_like_one_process(tmp_path):
+    world = 2
+    mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    model, _ = make_tiny_vlm("llava")
+    moca = MoCa.attach(model)
+    _train(model, _ddp_batch(), _trainable(model))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for name, single in moca.state_dict().items():
+        moved = float((single - (1.0 if name == "scale" else 0.0)).abs().max())
+        for got in ranks:
+            # measured: max |2 ranks - 1 process| ~1e-7 after 3 steps (float32 sums in another
+            # order); the parameters moved by > 1e-2, so 1e-5 fails on any missing gradient share
+            assert float((got[name] - single).abs().max()) <= 1e-5, name
+        assert moved > 1e-3, (name, moved)
+    assert torch.equal(ranks[0]["scale"], ranks[1]["scale"]) and torch.equal(ranks[0]["shift"], ranks[1]["shift"])
