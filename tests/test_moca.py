@@ -142,9 +142,10 @@ def test_gradients_reach_scale_and_shift_as_derived_by_hand(llava):
 
 def test_remove_restores_the_model_bit_for_bit(llava):
     model, batch = llava
-    hooks_before = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
     with torch.no_grad():
         before = model(**batch, output_hidden_states=True)
+    # counted after a forward: transformers installs its output recorders on the first one
+    hooks_before = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
     moca = MoCa.attach(model)
     with torch.no_grad():
         moca.scale.uniform_(0.5, 2.0)
