@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,7 +44,7 @@ from mir_lightning.integrations.transformers import (
     unwrap_hf_model,
 )
 
-__all__ = ["MoCa", "VisionMaskFn"]
+__all__ = ["MoCa", "VisionMaskFn", "load_moca_state"]
 
 VisionMaskFn = Callable[[dict[str, Any]], Tensor]
 """``fn(inputs) -> vision_mask``: ``inputs`` maps the names of the model's forward arguments
@@ -127,7 +129,10 @@ class MoCa(nn.Module):
     ) -> MoCa:
         """Add MoCa to ``model`` as ``model.moca`` and hook it into the decoder layers.
 
-        Attach before building the optimizer, so that it holds the new parameters.
+        Attach before building the optimizer, so that it holds the new parameters. The
+        parameters are float32 on the layers' device; ``model.to(dtype)`` afterwards converts
+        them too (``model.moca.float()`` restores float32; the map is computed in float32
+        either way).
 
         Args:
             model: a Hugging Face VLM (or a wrapper holding one: a LightningModule, a PEFT
@@ -158,9 +163,12 @@ class MoCa(nn.Module):
             raise RuntimeError(f"{type(model).__name__} already has an attribute {ATTRIBUTE!r}; cannot attach MoCa")
         try:
             hf_model: nn.Module | None = unwrap_hf_model(model)
-        except ValueError:
+        except ValueError as err:
             if layers is None:
-                raise
+                raise ValueError(
+                    f"MoCa finds the decoder layers of Hugging Face models only ({err}). For other models pass "
+                    "MoCa.attach(model, layers=[...], vision_mask=lambda inputs: <bool [B, T]>, hidden_size=D)"
+                ) from err
             hf_model = None
         layers = list(find_decoder_layers(model) if layers is None else layers)
         if not layers or not all(isinstance(layer, nn.Module) for layer in layers):
@@ -262,13 +270,70 @@ def _inputs_by_name(signature: inspect.Signature, args: tuple[Any, ...], kwargs:
     """The arguments of one forward call by parameter name (``**kwargs`` flattened in)."""
     try:
         bound = signature.bind_partial(*args, **kwargs)
-    except TypeError:
-        return {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
+    except TypeError:  # arguments the forward itself will reject
+        return dict(kwargs)
     inputs = dict(bound.arguments)
     for name, param in signature.parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD and name in inputs:
             inputs.update(inputs.pop(name))
     return inputs
+
+
+def load_moca_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """MoCa's parameters from a checkpoint of a model trained with it, for ``moca.load_state_dict``.
+
+    Args:
+        path: a ``save_pretrained`` directory (``model.safetensors``, a sharded
+            ``model.safetensors.index.json`` or ``pytorch_model.bin``), a ``.safetensors``
+            file, or a ``torch.save`` file (a state dict, or a Lightning checkpoint with a
+            ``"state_dict"`` entry).
+
+    Returns:
+        ``{"scale": [L, D], "shift": [L, D]}`` from the keys ``<prefix>moca.scale`` and
+        ``<prefix>moca.shift`` (``model.moca`` of a LightningModule gives ``model.moca.``).
+
+    Raises:
+        FileNotFoundError: when ``path`` holds no checkpoint file.
+        KeyError: when the checkpoint holds no MoCa parameters, or those of several models.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        names = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin")
+        found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+        if not found:
+            raise FileNotFoundError(f"no {' / '.join(names)} in {path}")
+        path = found[0]
+    if path.endswith(".safetensors.index.json"):
+        with open(path) as f:
+            weight_map = json.load(f)["weight_map"]
+        folder = os.path.dirname(path)
+        shards = {os.path.join(folder, shard) for key, shard in weight_map.items() if _moca_key(key)}
+        tensors = {k: v for shard in sorted(shards) for k, v in _read_safetensors(shard).items()}
+    elif path.endswith(".safetensors"):
+        tensors = _read_safetensors(path)
+    else:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(tensors, dict) and isinstance(tensors.get("state_dict"), dict):
+            tensors = tensors["state_dict"]
+    matches = {key: value for key, value in tensors.items() if _moca_key(key)}
+    prefixes = {key.rsplit(".", 1)[0] for key in matches}
+    if len(prefixes) != 1 or len(matches) != 2:
+        found = sorted(matches) or "none"
+        raise KeyError(f"expected one pair of MoCa parameters (<prefix>moca.scale, <prefix>moca.shift) in {path}, "
+                       f"found {found}")
+    return {key.rsplit(".", 1)[1]: value for key, value in matches.items()}
+
+
+def _moca_key(key: str) -> bool:
+    return key.split(".")[-2:] in (["moca", "scale"], ["moca", "shift"])
+
+
+def _read_safetensors(path: str) -> dict[str, Tensor]:
+    """The MoCa tensors of one safetensors file (read without loading the others)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys() if _moca_key(key)}
 
 
 def _is_moca_hook(hook: Any) -> bool:

@@ -18,12 +18,19 @@ from mir_lightning.integrations.transformers import (  # noqa: E402
     find_final_norm,
     find_hidden_state_modules,
 )
-from mir_lightning.moca import MoCa  # noqa: E402
+from mir_lightning.moca import MoCa, load_moca_state  # noqa: E402
 
 from lightning_helpers import official_masks  # noqa: E402
 from moca_ddp_script import ddp_batch, ddp_worker, train, trainable  # noqa: E402
 from reference import reference_from_hidden  # noqa: E402
-from vlm_factory import HIDDEN, IMAGE_TOKEN_ID, NUM_LAYERS, make_tiny_causal_lm, make_tiny_vlm  # noqa: E402
+from vlm_factory import (  # noqa: E402
+    HIDDEN,
+    IMAGE_TOKEN_ID,
+    NUM_LAYERS,
+    make_tiny_causal_lm,
+    make_tiny_vlm,
+    model_class,
+)
 
 
 @pytest.fixture()
@@ -162,6 +169,31 @@ def test_remove_restores_the_model_bit_for_bit(llava):
         assert torch.equal(a, b)
 
 
+def test_checkpoints_round_trip(llava, tmp_path):
+    """save_pretrained keeps moca.*; from_pretrained drops it (unexpected keys), and
+    load_moca_state + attach gives the trained model back; Lightning-style files work too."""
+    model, batch = llava
+    moca = MoCa.attach(model)
+    with torch.no_grad():
+        moca.scale.uniform_(0.5, 2.0)
+        moca.shift.normal_(0.0, 0.5)
+        trained = model(**batch).logits
+    model.save_pretrained(tmp_path / "hf")
+    reloaded = model_class("llava").from_pretrained(tmp_path / "hf").eval()
+    assert not hasattr(reloaded, "moca")
+    MoCa.attach(reloaded).load_state_dict(load_moca_state(tmp_path / "hf"))
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, trained)
+    lightning_style = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}
+    torch.save(lightning_style, tmp_path / "last.ckpt")
+    state = load_moca_state(tmp_path / "last.ckpt")
+    assert torch.equal(state["scale"], moca.scale) and torch.equal(state["shift"], moca.shift)
+    moca.remove()
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(KeyError, match="MoCa parameters"):
+        load_moca_state(tmp_path / "plain.pt")
+
+
 def test_attaching_twice_raises(llava):
     model, _ = llava
     MoCa.attach(model)
@@ -248,8 +280,10 @@ def test_mir_from_layer_capture_sees_calibrated_states(capture_first):
         moca.scale.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(1))
         moca.shift.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
     capture.active = True
-    received, _ = _layer_inputs(model, batch)
+    received, out = _layer_inputs(model, batch)  # the first forward: transformers' recorders come after MoCa
     capture.detach()
+    for recorded, seen in zip(out.hidden_states[1:-1], received[:-1]):
+        assert torch.equal(recorded, seen)
     norm = find_final_norm(model)
     with torch.no_grad():
         hidden = [*received[:-1], norm(received[-1])]  # hidden_states[1:] convention: last after the norm
