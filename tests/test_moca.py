@@ -145,6 +145,26 @@ def test_gradients_reach_scale_and_shift_as_derived_by_hand(llava):
         assert float(moca.scale.grad[k].abs().max()) > 0 and float(moca.shift.grad[k].abs().max()) > 0
 
 
+def test_gradients_equal_with_activation_checkpointing(llava):
+    """transformers checkpoints a layer's forward, not its hooks: MoCa runs once per layer
+    and the recomputation in backward needs no vision mask."""
+    model, batch = llava
+    moca = MoCa.attach(model)
+    model.train()
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+            assert all(layer.gradient_checkpointing for layer in find_decoder_layers(model))
+        moca.zero_grad()
+        model(**batch).logits.float().pow(2).mean().backward()
+        grads.append((moca.scale.grad.clone(), moca.shift.grad.clone()))
+    # the same float32 operations in the same order: measured equal bit for bit
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert float(grads[0][1].abs().min()) > 0
+
+
 def test_remove_restores_the_model_bit_for_bit(llava):
     model, batch = llava
     with torch.no_grad():
