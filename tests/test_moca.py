@@ -24,6 +24,7 @@ from lightning_helpers import official_masks  # noqa: E402
 from moca_ddp_script import ddp_batch, ddp_worker, train, trainable  # noqa: E402
 from reference import reference_from_hidden  # noqa: E402
 from vlm_factory import (  # noqa: E402
+    FAMILIES,
     HIDDEN,
     IMAGE_TOKEN_ID,
     NUM_LAYERS,
@@ -111,6 +112,29 @@ def test_first_layer_vision_outputs_are_scaled_and_shifted(llava, dtype):
     assert bool((~batch["attention_mask"].bool()).any())  # the batch does contain padding
     # MoCa's hooks run first, so transformers' output_hidden_states records calibrated values
     assert torch.equal(out.hidden_states[1], got)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_supported_family_is_found_and_calibrated(family):
+    """Layers, image token and hidden size found automatically; a shift of 0.25 reaches
+    exactly the image-token positions of what the second decoder layer receives."""
+    try:
+        model, make_inputs = make_tiny_vlm(family)
+    except (AttributeError, ImportError) as exc:  # family missing in this transformers
+        pytest.skip(f"{family} unavailable: {exc}")
+    batch = make_inputs(2, 3, padding_side="left")
+    raw, _ = _layer_inputs(model, batch)
+    moca = MoCa.attach(model)
+    assert moca.scale.shape == (NUM_LAYERS, HIDDEN)
+    with torch.no_grad():
+        moca.shift.fill_(0.25)
+    calibrated, _ = _layer_inputs(model, batch)
+    vision = batch["input_ids"] == IMAGE_TOKEN_ID
+    assert torch.equal(calibrated[0][~vision], raw[0][~vision])
+    # one float32 rounding of the sum: <= eps/2 * |value| < 2.4e-7 for |value| < 4; a missing shift is 0.25 off
+    expected = raw[0][vision].double() + 0.25
+    assert float(expected.abs().max()) < 4
+    torch.testing.assert_close(calibrated[0][vision].double(), expected, rtol=0, atol=1e-6)
 
 
 def test_gradients_reach_scale_and_shift_as_derived_by_hand(llava):
