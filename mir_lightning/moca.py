@@ -16,7 +16,8 @@ input ids of each forward and builds the vision mask, and a forward hook on ever
 layer returns the calibrated output.
 
 Hook order: the layer hooks are registered with ``prepend=True``, so they run before
-every other forward hook on the layer whenever that hook was registered. Forward hooks
+every other forward hook on the layer, registered before or after MoCa (unless that
+hook itself asks for ``prepend=True`` later). Forward hooks
 that run later (MIR's :class:`~mir_lightning.capture.LayerCapture`, transformers'
 ``output_hidden_states`` recorder) receive the calibrated output, and the next layer and
 the final norm receive it as their input. MIR measured with MoCa attached therefore sees
