@@ -175,7 +175,7 @@ class MIRTrainerCallback(TrainerCallback):
         self.history.append(entry)
         self._log(args, state, control, self._scalars(entry))
         if state.is_world_process_zero and result.error is None:
-            self._write_figures(args, step, entry)
+            self._write_figures(step, entry)
         if self.early_stopping is not None and self.early_stopping.update(entry["mir"]):
             control.should_training_stop = True
             if state.is_world_process_zero:
@@ -239,7 +239,8 @@ class MIRTrainerCallback(TrainerCallback):
             self._own_writer = SummaryWriter(log_dir=os.path.expanduser(log_dir))
         return self._own_writer
 
-    def _tensorboard_writer(self, args: TrainingArguments) -> Any | None:
+    def _tensorboard_writer(self) -> Any | None:
+        """The Trainer's TensorBoard writer (rank zero, while training), else the callback's own."""
         trainer = self.trainer
         if trainer is None:
             return self._own_writer
@@ -250,8 +251,8 @@ class MIRTrainerCallback(TrainerCallback):
                 return callback.tb_writer
         return None
 
-    def _write_figures(self, args: TrainingArguments, step: int, entry: dict[str, Any]) -> None:
-        writer = self._tensorboard_writer(args)
+    def _write_figures(self, step: int, entry: dict[str, Any]) -> None:
+        writer = self._tensorboard_writer()
         if writer is None:
             return
         try:
