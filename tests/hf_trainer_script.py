@@ -42,9 +42,10 @@ def train_examples(n: int = 32) -> list[dict[str, torch.Tensor]]:
 
 def make_trainer(output_dir: str, *, max_steps: int, every_n_steps: int | None = 2, patience: int | None = None,
                  min_delta: float = 1e-6, eval_steps: int | None = None, save_steps: int | None = None,
-                 report_to: str = "tensorboard", step: Any = None) -> tuple[Any, Any]:
+                 report_to: str = "tensorboard", step: Any = None, add_callback: bool = False) -> tuple[Any, Any]:
     """A Trainer (learning rate 0: the weights, hence MIR, never change) with the callback
-    passed exactly as a user would; returns ``(trainer, callback)``."""
+    passed exactly as a user would (``callbacks=[...]``, or ``trainer.add_callback`` after
+    construction); returns ``(trainer, callback)``."""
     from transformers import Trainer, TrainingArguments
 
     from mir_lightning import MIRPlateau
@@ -65,7 +66,10 @@ def make_trainer(output_dir: str, *, max_steps: int, every_n_steps: int | None =
     kwargs = {"step": step} if step is not None else {}
     callback = MIRTrainerCallback(probe_batches(), every_n_steps=every_n_steps, early_stopping=stopper, **kwargs)
     trainer = Trainer(model=model, args=args, train_dataset=train_examples(),
-                      eval_dataset=train_examples(8) if eval_steps else None, callbacks=[callback])
+                      eval_dataset=train_examples(8) if eval_steps else None,
+                      callbacks=None if add_callback else [callback])
+    if add_callback:
+        trainer.add_callback(callback)
     return trainer, callback
 
 

@@ -88,8 +88,10 @@ def test_mir_every_n_steps_with_evaluation_off(tmp_path, monkeypatch, reference)
 
 
 def test_after_each_evaluation_at_most_once_per_step(tmp_path, reference):
-    # every 4 steps and after evaluations every 2: step 4 and 8 see both triggers
-    trainer, _ = make_trainer(str(tmp_path), max_steps=8, every_n_steps=4, eval_steps=2, report_to="none")
+    # every 4 steps and after evaluations every 2: step 4 and 8 see both triggers; the callback
+    # joins through trainer.add_callback here
+    trainer, _ = make_trainer(str(tmp_path), max_steps=8, every_n_steps=4, eval_steps=2, report_to="none",
+                              add_callback=True)
     trainer.train()
     logged = mir_entries(trainer.state.log_history)
     assert [e["step"] for e in logged] == [2, 4, 6, 8]
