@@ -42,7 +42,8 @@ def train_examples(n: int = 32) -> list[dict[str, torch.Tensor]]:
 
 def make_trainer(output_dir: str, *, max_steps: int, every_n_steps: int | None = 2, patience: int | None = None,
                  min_delta: float = 1e-6, eval_steps: int | None = None, save_steps: int | None = None,
-                 report_to: str = "tensorboard", step: Any = None, add_callback: bool = False) -> tuple[Any, Any]:
+                 report_to: str = "tensorboard", step: Any = None, add_callback: bool = False,
+                 restore_callback_states: bool = False) -> tuple[Any, Any]:
     """A Trainer (learning rate 0: the weights, hence MIR, never change) with the callback
     passed exactly as a user would (``callbacks=[...]``, or ``trainer.add_callback`` after
     construction); returns ``(trainer, callback)``."""
@@ -59,6 +60,7 @@ def make_trainer(output_dir: str, *, max_steps: int, every_n_steps: int | None =
         eval_strategy="steps" if eval_steps else "no", eval_steps=eval_steps, per_device_eval_batch_size=4,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps, disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0, seed=SEED,
+        restore_callback_states_from_checkpoint=restore_callback_states,
         # under torchrun: gloo on CPU, and a process-group timeout that turns a hang into a failure
         ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None, ddp_timeout=120,
     )

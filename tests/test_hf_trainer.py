@@ -100,14 +100,17 @@ def test_after_each_evaluation_at_most_once_per_step(tmp_path, reference):
     assert [e["step"] for e in trainer.state.log_history if "eval_loss" in e] == [2, 4, 6, 8]
 
 
-def test_resume_continues_history_and_patience(tmp_path, reference):
+@pytest.mark.parametrize("restore_callback_states", [False, True])
+def test_resume_continues_history_and_patience(tmp_path, reference, restore_callback_states):
     # MIR is constant (learning rate 0): with patience 3 the 4th probe completes the plateau.
-    first, _ = make_trainer(str(tmp_path), max_steps=4, every_n_steps=2, patience=3, save_steps=4, report_to="none")
+    # The Trainer's own callback-state restore (off by default) neither helps nor disturbs.
+    settings = dict(every_n_steps=2, patience=3, save_steps=4, report_to="none",
+                    restore_callback_states=restore_callback_states)
+    first, _ = make_trainer(str(tmp_path), max_steps=4, **settings)
     first.train()
     assert [e["step"] for e in mir_entries(first.state.log_history)] == [2, 4]
     # a new Trainer and a new callback, as after a restart
-    second, callback = make_trainer(str(tmp_path), max_steps=20, every_n_steps=2, patience=3, save_steps=4,
-                                    report_to="none")
+    second, callback = make_trainer(str(tmp_path), max_steps=20, **settings)
     second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     # the count went on from the checkpoint's two values: stop at step 8 (not 12, a fresh count)
     assert second.state.global_step == 8
