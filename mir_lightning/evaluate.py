@@ -2,16 +2,17 @@
 
 One image and one text per sample, as in the paper (arXiv 2410.07167): the prompt is a
 user turn holding the image then the text (the processor's chat template when it has one,
-else the image placeholder followed by the text). The model runs with
-``output_hidden_states=True``; ``hidden_states[1:]`` (one entry per decoder layer, the
-last after the final norm) at the image-token and text-token positions feed
-:class:`~mir_lightning.ModalityIntegrationRate`.
+else the image placeholder followed by the text). The hidden states of
+every decoder layer (``hidden_states[1:]``: the last after the final norm) at the
+image-token and text-token positions feed :class:`~mir_lightning.ModalityIntegrationRate`.
 
-Under ``torchrun`` the batches are dealt round-robin to the ranks (each sample once) and
-every rank runs the same number of forwards: a rank short of a batch runs a padding batch
-whose tokens are not counted (sharded engines such as FSDP or ZeRO-3 gather parameters in
-every forward and hang when ranks disagree). Images are decoded per batch, on the rank
-that uses them: memory does not grow with the number of samples.
+The measurement runs through :class:`~mir_lightning.MIRProbe` (the engine every trainer
+adapter uses): forward hooks on the LLM's layers (equal to ``hidden_states[1:]``), and under
+``torchrun`` batches dealt round-robin to the ranks (each sample once) with the same number
+of forwards on every rank: a rank short of a batch runs a padding batch whose tokens are not
+counted (sharded engines such as FSDP or ZeRO-3 gather parameters in every forward and hang
+when ranks disagree). Images are decoded per batch, on the rank that runs it
+(:class:`ProbeBatches`): memory does not grow with the number of samples.
 
 Problems with the input raise :class:`~mir_lightning.probe_data.InputError`.
 """
@@ -23,16 +24,20 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from mir_lightning.probe import MIRProbe
 from mir_lightning.probe_data import InputError, ProbeSet, probe_set
 
-__all__ = ["COUNT_KEYS", "DTYPES", "EvaluationResult", "InputError", "evaluate_checkpoint", "parse_layers", "resolve_device"]
+__all__ = [
+    "COUNT_KEYS", "DTYPES", "EvaluationResult", "InputError", "ProbeBatches", "evaluate_checkpoint", "parse_layers",
+    "resolve_device",
+]
 
 DTYPES = ("float32", "float16", "bfloat16")
 COUNT_KEYS = ("n_vision", "n_text", "outliers_vision", "outliers_text", "nonfinite_vision", "nonfinite_text")
@@ -313,20 +318,71 @@ def encode_batch(processor: Any, samples: ProbeSet, indices: Sequence[int]) -> d
     return enc
 
 
-# --------------------------------------------------------------------------- distribution
-def rank_batches(num_samples: int, batch_size: int, rank: int, world_size: int) -> tuple[list[list[int]], int]:
-    """This rank's batches of sample indices, and how many padding forwards it adds.
+class _Batch(Mapping[str, Any]):
+    """The processor's output for one batch of samples, computed when first read: a rank
+    decodes only the images of the batches it runs (the probe skips the others unread)."""
 
-    Batches of ``batch_size`` consecutive samples are dealt round-robin (batch ``b`` to rank
-    ``b % world_size``), so a run on W ranks sees the same batches as one process. Every rank
-    runs ``ceil(num_batches / world_size)`` forwards: the ranks dealt one batch fewer add a
-    padding forward (of batch 0) whose tokens are not counted.
+    def __init__(self, encode: Callable[[], dict[str, Any]]) -> None:
+        self._encode = encode
+        self._data: dict[str, Any] | None = None
+
+    def _get(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = self._encode()
+        return self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+class ProbeBatches(Sequence[Mapping[str, Any]]):
+    """The probe loader of :func:`evaluate_checkpoint`: batch ``b`` holds samples
+    ``b * batch_size ...`` of ``samples``, encoded by ``processor`` when read (floating
+    tensors cast to ``dtype``). Holds no image: memory is flat in the number of samples.
+
+    Raises (when a batch is read):
+        InputError: the processor fails, or inserts no image token ``image_token_id``.
     """
-    starts = range(0, num_samples, batch_size)
-    batches = [list(range(s, min(s + batch_size, num_samples))) for s in starts]
-    mine = batches[rank::world_size]
-    forwards = -(-len(batches) // world_size)
-    return mine, forwards - len(mine)
+
+    def __init__(self, samples: ProbeSet, processor: Any, batch_size: int, dtype: torch.dtype, image_token_id: int) -> None:
+        self.samples, self.processor, self.batch_size = samples, processor, batch_size
+        self.dtype, self.image_token_id = dtype, image_token_id
+
+    def __len__(self) -> int:
+        return -(-len(self.samples) // self.batch_size)
+
+    def __getitem__(self, index: int) -> Mapping[str, Any]:  # type: ignore[override]
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        start = index * self.batch_size
+        indices = range(start, min(start + self.batch_size, len(self.samples)))
+        return _Batch(lambda: self._encode(indices))
+
+    def _encode(self, indices: Sequence[int]) -> dict[str, Any]:
+        enc = encode_batch(self.processor, self.samples, indices)
+        if not bool((enc["input_ids"] == self.image_token_id).any()):
+            raise InputError(
+                f"no image token (id {self.image_token_id}) in the processed batch: the processor does not "
+                "insert the model's image tokens"
+            )
+        return {k: v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in enc.items()}
+
+
+def _forward(model: Any, batch: Mapping[str, Any]) -> Any:
+    """One probe forward; a failure is reported as the model and processor not matching."""
+    try:
+        return model(**batch)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(
+            f"the forward pass of {type(model).__name__} failed ({type(exc).__name__}: {str(exc)[:500]}); the "
+            "processor and the model may not match, or the architecture is not supported"
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -395,9 +451,6 @@ def evaluate_checkpoint(
     """
     from tqdm.auto import tqdm
 
-    from mir_lightning.integrations.transformers import build_masks
-    from mir_lightning.metric import ModalityIntegrationRate
-
     settings = dict(
         model_dir=str(model_dir), num_samples=num_samples, batch_size=batch_size, dtype=dtype,
         sqrt_mode=sqrt_mode, layers=layers or "all", text_tokens=text_tokens, outlier_sigma=outlier_sigma,
@@ -430,47 +483,20 @@ def evaluate_checkpoint(
                 "num_hidden_layers / hidden_size"
             ) from exc
         chosen = parse_layers(layers, num_layers)
-        metric = ModalityIntegrationRate(
-            len(chosen), hidden_size, outlier_sigma=outlier_sigma, sqrt_mode=sqrt_mode,
+        loader = ProbeBatches(samples, processor, batch_size, torch_dtype, image_token_id)
+        probe = MIRProbe(
+            tqdm(loader, desc="MIR", unit="batch", disable=rank != 0 or not progress),
+            step=_forward, image_token_id=image_token_id, layer_indices=chosen, text_tokens=text_tokens,
+            hidden_size=hidden_size, outlier_sigma=outlier_sigma, sqrt_mode=sqrt_mode,
             max_outliers=max_outliers, median_buffer=median_buffer,
-        ).to(dev)
-        mine, padding = rank_batches(len(samples), batch_size, rank, world)
-        work = [(idx, True) for idx in mine] + [(list(range(min(batch_size, len(samples)))), False)] * padding
-        checked = False
-        for idx, counted in tqdm(work, desc="MIR", unit="batch", disable=rank != 0 or not progress):
-            enc = encode_batch(processor, samples, idx)
-            enc = {
-                k: (v.to(device=dev, dtype=torch_dtype) if v.is_floating_point() else v.to(dev))
-                if isinstance(v, torch.Tensor)
-                else v
-                for k, v in enc.items()
-            }
-            try:
-                with torch.inference_mode():
-                    outputs = model(**enc, output_hidden_states=True, return_dict=True)
-            except (TypeError, ValueError, RuntimeError) as exc:
-                if checked:
-                    raise
-                raise InputError(
-                    f"the forward pass of {type(model).__name__} failed on the first batch "
-                    f"({type(exc).__name__}: {str(exc)[:500]}); the processor and the model in "
-                    f"{model_dir} may not match, or the architecture is not supported"
-                ) from exc
-            hidden = getattr(outputs, "hidden_states", None)
-            if not checked:
-                _check_hidden_states(hidden, model, num_layers, hidden_size)
-                checked = True
-            if not counted:
-                continue
-            vision, text = build_masks(enc["input_ids"], image_token_id, enc.get("attention_mask"), text=text_tokens)
-            if not bool(vision.any()):
-                raise InputError(
-                    f"no image token (id {image_token_id}) in the processed batch: the processor of "
-                    f"{model_dir} does not insert the model's image tokens"
-                )
-            metric.update([hidden[1 + k] for k in chosen], vision, text)
-        mir = float(metric.compute())
-        stats = {k: v.tolist() for k, v in metric.per_layer_stats().items()}
+        )
+        try:
+            measured = probe.run(model)
+        except ValueError as exc:  # the layers cannot be found
+            raise InputError(f"unsupported architecture {type(model).__name__}: {exc}") from exc
+        _raise_failure(measured.error)
+        mir = measured.mir
+        stats = {k: v.tolist() for k, v in measured.stats.items()}
     per_layer = {k: [int(x) for x in v] if k in COUNT_KEYS else [float(x) for x in v] for k, v in stats.items()}
     return EvaluationResult(
         mir=mir,
@@ -494,14 +520,13 @@ def evaluate_checkpoint(
     )
 
 
-def _check_hidden_states(hidden: Any, model: Any, num_layers: int, hidden_size: int) -> None:
-    """Raise :class:`InputError` unless ``hidden`` is ``num_layers + 1`` tensors of width ``hidden_size``."""
-    if hidden is None or not isinstance(hidden[0], torch.Tensor):
-        raise InputError(
-            f"unsupported architecture {type(model).__name__}: its forward returns no hidden_states of the language model"
-        )
-    if len(hidden) != num_layers + 1 or hidden[-1].shape[-1] != hidden_size:
-        raise InputError(
-            f"unsupported architecture {type(model).__name__}: hidden_states has {len(hidden)} entries of "
-            f"width {hidden[-1].shape[-1]}, expected {num_layers + 1} of width {hidden_size} (num_hidden_layers + 1)"
-        )
+def _raise_failure(error: str | None) -> None:
+    """Re-raise a failure the probe reported (the same on every rank) as an exception."""
+    if error is None:
+        return
+    prefix = f"{InputError.__name__}: "
+    if error.startswith(prefix):
+        raise InputError(error[len(prefix):])
+    if error == "the measurement failed on another rank":
+        raise InputError(f"{error}: see that rank's error")
+    raise RuntimeError(f"the MIR measurement failed: {error}")

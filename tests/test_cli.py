@@ -31,7 +31,7 @@ scipy_linalg = pytest.importorskip("scipy.linalg")
 from PIL import Image  # noqa: E402
 
 from mir_lightning.cli import main, parse_layers, UserError  # noqa: E402
-from mir_lightning.evaluate import COUNT_KEYS, evaluate_checkpoint, rank_batches  # noqa: E402
+from mir_lightning.evaluate import COUNT_KEYS, ProbeBatches, evaluate_checkpoint  # noqa: E402
 from mir_lightning.probe_data import probe_image_array  # noqa: E402
 
 from reference import reference_layer  # noqa: E402
@@ -473,16 +473,19 @@ def test_bad_device_name_is_an_error(model_dirs, capsys):
 
 def test_max_outliers_and_median_buffer_reach_the_metric(model_dirs, data_dir, tmp_path, capsys, monkeypatch):
     """The metric's warnings advise raising max_outliers / median_buffer: the command has both."""
-    import mir_lightning.metric
+    import functools
+
+    from mir_lightning.metric import ModalityIntegrationRate
 
     seen = []
+    original = ModalityIntegrationRate.__init__
 
-    class Recording(mir_lightning.metric.ModalityIntegrationRate):
-        def __init__(self, *args, **kwargs):
-            seen.append(kwargs)
-            super().__init__(*args, **kwargs)
+    @functools.wraps(original)
+    def recording_init(self, *args, **kwargs):
+        seen.append(kwargs)
+        original(self, *args, **kwargs)
 
-    monkeypatch.setattr(mir_lightning.metric, "ModalityIntegrationRate", Recording)
+    monkeypatch.setattr(ModalityIntegrationRate, "__init__", recording_init)
     n, batch = 6, 6
     rc, res = _run(["evaluate", str(model_dirs["llava"]), "--images", str(data_dir / "images"), "--texts",
                     str(data_dir / "texts.txt"), "--num-samples", str(n), "--batch-size", str(batch),
@@ -545,17 +548,6 @@ def test_evaluate_checkpoint_is_importable_and_equals_the_command(model_dirs, da
     assert (result.num_samples, result.world_size, result.device, result.hidden_size) == (n, 1, "cpu", 64)
     assert (result.vision_tokens, result.text_tokens) == reference_token_counts(model_dirs["llava"], data_dir, n, batch)
     assert result.seconds > 0 and result.model_class == "LlavaForConditionalGeneration"
-
-
-def test_rank_batches_equal_forward_counts():
-    # 13 samples in batches of 2 = 7 batches over 3 ranks: 3 + 2 + 2 real, every rank runs 3 forwards
-    shares = [rank_batches(13, 2, r, 3) for r in range(3)]
-    assert [len(mine) + pad for mine, pad in shares] == [3, 3, 3]
-    assert [pad for _, pad in shares] == [0, 1, 1]
-    assert sorted(i for mine, _ in shares for b in mine for i in b) == list(range(13))
-    assert shares[0][0][0] == [0, 1] and shares[1][0][0] == [2, 3]  # the batches of one process, dealt out
-    # fewer batches than ranks: the rank without a batch still runs one (padding) forward
-    assert rank_batches(3, 4, 1, 2) == ([], 1)
 
 
 def _collective_forward_worker(rank: int, world: int, port: int, model_dir: str, data_dir: str, out_dir: str) -> None:
