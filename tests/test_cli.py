@@ -537,6 +537,23 @@ def test_plot_has_integer_ticks_at_the_real_layer_ids():
         per_layer_figure(stats, layers=[0, 1])
 
 
+def test_probe_batches_decode_images_only_when_read(model_dirs, data_dir, monkeypatch):
+    from mir_lightning.probe_data import ProbeSet, probe_set
+
+    decoded = []
+    decode = ProbeSet.image
+    monkeypatch.setattr(ProbeSet, "image", lambda self, i: decoded.append(i) or decode(self, i))
+    samples = probe_set(data_dir / "images", data_dir / "texts.txt", 5)
+    assert decoded == [] and samples.image_paths is not None  # paths only, up front
+    processor = transformers.AutoProcessor.from_pretrained(model_dirs["llava"], local_files_only=True)
+    batches = ProbeBatches(samples, processor, 2, torch.float32, IMAGE_TOKEN_ID)
+    assert len(batches) == 3
+    last = batches[2]
+    assert decoded == []
+    assert last["input_ids"].shape[0] == 1 and decoded == [4]
+    assert len(list(batches)) == 3 and decoded == [4]  # iterating reads nothing
+
+
 def test_evaluate_checkpoint_is_importable_and_equals_the_command(model_dirs, data_dir, tmp_path):
     n, batch = 8, 4
     result = evaluate_checkpoint(model_dirs["llava"], images=data_dir / "images", texts=data_dir / "texts.txt",
@@ -570,12 +587,23 @@ def _collective_forward_worker(rank: int, world: int, port: int, model_dir: str,
         return original(self, *args, **kwargs)
 
     cls.forward = forward
+    from mir_lightning.probe_data import ProbeSet
+
+    decode = ProbeSet.image
+    decoded = []
+
+    def image(self, index):
+        decoded.append(index)
+        return decode(self, index)
+
+    ProbeSet.image = image
     try:
         result = evaluate_checkpoint(model_dir, images=Path(data_dir) / "images", texts=Path(data_dir) / "texts.txt",
                                      num_samples=5, batch_size=2, device="cpu", progress=False)
     finally:
-        cls.forward = original
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"forwards": len(forwards), **result.to_dict()}))
+        cls.forward, ProbeSet.image = original, decode
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"forwards": len(forwards), "decoded": decoded,
+                                                             **result.to_dict()}))
     dist.destroy_process_group()
 
 
@@ -593,6 +621,9 @@ def test_ranks_run_equal_forward_counts_with_a_padding_batch(model_dirs, data_di
              nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["forwards"] for r in ranks] == [2, 2]
+    # images are decoded per batch on the rank that runs it: rank 0 batches 0 and 2, rank 1
+    # batch 1 and the padding batch (batch 0 again)
+    assert [r["decoded"] for r in ranks] == [[0, 1, 4], [2, 3, 0, 1]]
     ref_mir, ref_fd = reference_run(model_dirs["llava"], data_dir, 5, 2)
     n_vision, n_text = reference_token_counts(model_dirs["llava"], data_dir, 5, 2)
     for r in ranks:
