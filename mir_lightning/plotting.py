@@ -18,27 +18,49 @@ def _pyplot() -> Any:
     return plt
 
 
-def per_layer_figure(stats: Mapping[str, Sequence[float]], title: str = "") -> Any:
-    """Two panels over layer index: FD split into its terms (log scale), and the
-    vision/text norm ratio. ``stats`` as returned by ``per_layer_stats()``."""
+def per_layer_figure(
+    stats: Mapping[str, Sequence[float]], title: str = "", layers: Sequence[int] | None = None
+) -> Any:
+    """Two panels over the LLM layers: FD split into its terms (log scale), and the
+    vision/text norm ratio.
+
+    Args:
+        stats: as returned by ``per_layer_stats()`` (tensors or lists, one value per layer).
+        title: the figure title (default: the MIR).
+        layers: the layer id of each entry (e.g. ``[0, 2, 4]`` for a subset); default
+            ``0, 1, ...``. The x axis shows these ids as integer ticks.
+    """
     plt = _pyplot()
     fd = np.asarray(stats["fd"], dtype=float)
-    layers = np.arange(len(fd))
+    x = np.arange(len(fd)) if layers is None else np.asarray(layers, dtype=int)
+    if x.shape != fd.shape:
+        raise ValueError(f"layers has {x.size} ids but the stats have {fd.size} layers")
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
-    ax1.plot(layers, fd, "o-", label="FD")
-    ax1.plot(layers, np.asarray(stats["mean_term"], dtype=float), "s--", ms=3, label="mean term")
+    ax1.plot(x, fd, "o-", label="FD")
+    ax1.plot(x, np.asarray(stats["mean_term"], dtype=float), "s--", ms=3, label="mean term")
     covariance = np.asarray(stats["trace_vision"], float) + np.asarray(stats["trace_text"], float) - np.asarray(stats["cross_term"], float)
-    ax1.plot(layers, covariance, "^--", ms=3, label="covariance terms")
+    ax1.plot(x, covariance, "^--", ms=3, label="covariance terms")
     ax1.set_yscale("symlog", linthresh=1e-3)
     ax1.set_ylabel("text-normalised FD")
     ax1.legend(fontsize=8)
     ax1.set_title(title or f"MIR = log10(sum FD) = {np.log10(np.nansum(fd)):.3f}")
-    ax2.plot(layers, np.asarray(stats["norm_ratio"], dtype=float), "o-", color="C3")
+    ax2.plot(x, np.asarray(stats["norm_ratio"], dtype=float), "o-", color="C3")
     ax2.axhline(1.0, color="gray", lw=0.8)
     ax2.set_ylabel("vision / text norm")
     ax2.set_xlabel("LLM layer")
+    _integer_layer_ticks(ax2, x)
     fig.tight_layout()
     return fig
+
+
+def _integer_layer_ticks(ax: Any, layers: np.ndarray, most: int = 16) -> None:
+    """Ticks at the layer ids themselves (up to ``most``), else integer ticks chosen by matplotlib."""
+    from matplotlib.ticker import MaxNLocator
+
+    if len(layers) <= most:
+        ax.set_xticks(layers)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=most, integer=True))
 
 
 def history_heatmap(steps: Sequence[int], per_layer_fd: Sequence[Sequence[float]], title: str = "per-layer FD") -> Any:

@@ -10,15 +10,44 @@ image-text agreement.
 
 These samples are synthetic. MIR values computed on them are comparable with each other
 (same probe, different checkpoints), not with the values reported in the paper.
+
+:func:`probe_set` pairs images and texts for ``evaluate``: the built-in set or the user's
+files. Only paths and texts are held; each image is decoded when its batch needs it
+(:meth:`ProbeSet.image`), so memory does not grow with the number of samples.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_SAMPLES", "PARAGRAPHS", "probe_images", "probe_texts", "probe_image_array"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_SAMPLES",
+    "PARAGRAPHS",
+    "InputError",
+    "ProbeSet",
+    "load_texts",
+    "probe_image_array",
+    "probe_images",
+    "probe_set",
+    "probe_texts",
+    "readable_image_paths",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class InputError(ValueError):
+    """A problem with the user's input (paths, files, counts, model folder): the message says
+    what to change. The command line prints it as one line and exits with code 2."""
 
 MAX_SAMPLES = 500
 """Most samples the built-in probe set provides."""
@@ -199,3 +228,206 @@ def probe_images(n: int, size: int = IMAGE_SIZE) -> list:
 
     _check_count(n, "images")
     return [Image.fromarray(probe_image_array(i, size)) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- evaluation set
+@dataclass(frozen=True)
+class ProbeSet:
+    """``len(texts)`` image+text samples; sample ``i`` is ``(image(i), texts[i])``.
+
+    Attributes:
+        texts: one text per sample.
+        image_paths: one readable image file per sample, or ``None`` for the built-in
+            procedural images.
+        image_source, text_source: where they came from (for reports).
+        skipped_images: ``"path: reason"`` of image files skipped as unreadable.
+        skipped_texts: empty text files skipped.
+    """
+
+    texts: list[str]
+    image_paths: list[Path] | None
+    image_source: str
+    text_source: str
+    skipped_images: list[str] = field(default_factory=list)
+    skipped_texts: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def image(self, index: int) -> Any:
+        """Sample ``index``'s image, decoded now, as an RGB ``PIL.Image``.
+
+        Raises:
+            InputError: when a file that passed the header check cannot be decoded.
+        """
+        from PIL import Image
+
+        if self.image_paths is None:
+            return Image.fromarray(probe_image_array(index))
+        path = self.image_paths[index]
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
+            raise InputError(
+                f"--images: {path} has a valid header but cannot be decoded ({type(exc).__name__}: {exc}); "
+                "remove or replace it"
+            ) from exc
+
+
+def _image_files(source: Path) -> list[Path]:
+    if not source.exists():
+        raise InputError(f"--images: {source} does not exist")
+    if source.is_dir():
+        paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not paths:
+            raise InputError(f"--images: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {source}")
+        return paths
+    if source.suffix.lower() in (".txt", ".lst"):
+        lines = [ln.strip() for ln in source.read_text(encoding="utf-8").splitlines()]
+        paths = [Path(ln) if os.path.isabs(ln) else source.parent / ln for ln in lines if ln]
+        if not paths:
+            raise InputError(f"--images: the list {source} names no image")
+        return paths
+    return [source]
+
+
+def readable_image_paths(source: Path, n: int) -> tuple[list[Path], list[str]]:
+    """The first ``n`` image files of ``source`` (a folder sorted by name, one image, or a
+    ``.txt`` list of paths) whose header PIL can read; nothing is decoded.
+
+    Unreadable files (missing, not an image) are skipped with a warning. A file whose
+    header reads but whose pixels do not decode fails later, in :meth:`ProbeSet.image`.
+
+    Returns:
+        ``(paths, skipped)``, ``skipped`` as ``"path: reason"``.
+
+    Raises:
+        InputError: when ``source`` is missing or holds fewer than ``n`` readable images.
+    """
+    from PIL import Image
+
+    paths: list[Path] = []
+    skipped: list[str] = []
+    for path in _image_files(source):
+        if len(paths) == n:
+            break
+        try:
+            with Image.open(path) as im:
+                im.verify()  # checks structure and checksums where the format has them; no pixels kept
+            paths.append(path)
+        except FileNotFoundError:
+            skipped.append(f"{path}: missing")
+            warnings.warn(f"skipping image {path}: file not found", stacklevel=2)
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
+            skipped.append(f"{path}: {type(exc).__name__}: {exc}")
+            warnings.warn(f"skipping unreadable image {path} ({type(exc).__name__}: {exc})", stacklevel=2)
+    if len(paths) < n:
+        raise InputError(
+            f"--num-samples {n} asks for {n} samples but only {len(paths)} readable images exist in "
+            f"{source} ({len(skipped)} skipped); pass --num-samples {len(paths)} or add images"
+            if paths
+            else f"--images: no readable image in {source} ({len(skipped)} skipped)"
+        )
+    return paths, skipped
+
+
+def _texts_from_file(path: Path) -> list[str]:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"--texts: {path} is not UTF-8 text ({exc})") from exc
+    if not raw.strip():
+        raise InputError(f"--texts: the text file {path} is empty")
+    if path.suffix.lower() == ".jsonl":
+        texts = []
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"--texts: {path} line {i} is not valid JSON ({exc.msg})") from exc
+            text = obj.get("text") if isinstance(obj, dict) else obj if isinstance(obj, str) else None
+            if not isinstance(text, str):
+                raise InputError(f"--texts: {path} line {i} has no string field 'text'")
+            if text.strip():
+                texts.append(text.strip())
+        return texts
+    normalised = raw.replace("\r\n", "\n")
+    blocks = [" ".join(b.strip().split("\n")).strip() for b in normalised.split("\n\n") if b.strip()]
+    if len(blocks) > 1:
+        return blocks
+    return [ln.strip() for ln in normalised.splitlines() if ln.strip()]
+
+
+def load_texts(source: Path, n: int) -> tuple[list[str], list[str]]:
+    """The first ``n`` texts of ``source``: a folder of ``.txt`` files (one text each, empty
+    ones skipped with a warning), a ``.jsonl`` file (one ``{"text": ...}`` per line), or a
+    text file (blank-line separated paragraphs, else one text per line).
+
+    Returns:
+        ``(texts, skipped)``; ``skipped`` lists the empty files of a folder.
+
+    Raises:
+        InputError: for a missing source, an empty file, or fewer than ``n`` texts.
+    """
+    if not source.exists():
+        raise InputError(f"--texts: {source} does not exist")
+    skipped: list[str] = []
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() == ".txt")
+        if not files:
+            raise InputError(f"--texts: no .txt files in {source}")
+        texts = []
+        for p in files:
+            if len(texts) == n:
+                break
+            body = p.read_text(encoding="utf-8", errors="replace").strip()
+            if body:
+                texts.append(" ".join(body.split()))
+            else:
+                skipped.append(str(p))
+                warnings.warn(f"skipping empty text file {p}", stacklevel=2)
+        if not texts:
+            raise InputError(f"--texts: every .txt file in {source} is empty")
+    else:
+        texts = _texts_from_file(source)
+    if len(texts) < n:
+        raise InputError(
+            f"--num-samples {n} asks for {n} samples but only {len(texts)} texts exist in {source}; "
+            f"pass --num-samples {len(texts)} or add texts"
+        )
+    return texts[:n], skipped
+
+
+def probe_set(images: str | os.PathLike | None, texts: str | os.PathLike | None, n: int) -> ProbeSet:
+    """Pair ``n`` images with ``n`` texts; the built-in set fills in what is not given.
+
+    Raises:
+        InputError: ``n < 1``, more samples than the sources hold, Pillow missing.
+    """
+    if n < 1:
+        raise InputError(f"--num-samples must be at least 1, got {n}")
+    try:
+        import PIL  # noqa: F401
+    except ImportError as exc:
+        raise InputError("mir-lightning evaluate needs Pillow to read images: pip install pillow") from exc
+    if n < 20:
+        warnings.warn(f"{n} samples: the paper reports MIR stable from about 20 samples on", stacklevel=2)
+    if (images is None or texts is None) and n > MAX_SAMPLES:
+        raise InputError(
+            f"--num-samples {n} asks for {n} samples but the built-in probe set has "
+            f"{MAX_SAMPLES}; pass --images and --texts for more"
+        )
+    if texts is not None:
+        text_list, skipped_texts = load_texts(Path(texts), n)
+        text_source = str(texts)
+    else:
+        text_list, skipped_texts, text_source = probe_texts(n), [], "built-in probe texts"
+    if images is not None:
+        paths, skipped = readable_image_paths(Path(images), n)
+        image_source: str = str(images)
+    else:
+        paths, skipped, image_source = None, [], "built-in procedural images"
+    return ProbeSet(text_list, paths, image_source, text_source, skipped, skipped_texts)

@@ -31,6 +31,7 @@ scipy_linalg = pytest.importorskip("scipy.linalg")
 from PIL import Image  # noqa: E402
 
 from mir_lightning.cli import main, parse_layers, UserError  # noqa: E402
+from mir_lightning.evaluate import COUNT_KEYS, ProbeBatches, evaluate_checkpoint  # noqa: E402
 from mir_lightning.probe_data import probe_image_array  # noqa: E402
 
 from reference import reference_layer  # noqa: E402
@@ -146,6 +147,19 @@ def reference_run(
     return float(np.log10(sum(fds))), fds
 
 
+def reference_token_counts(model_dir: Path, data_dir: Path, n: int, batch_size: int) -> tuple[int, int]:
+    """Vision and text ('after_image') tokens of the command's batches, counted on the input ids."""
+    image_token = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True).image_token_id
+    n_vision = n_text = 0
+    for enc in command_batches(model_dir, data_dir, n, batch_size):
+        ids = enc["input_ids"].numpy()
+        att = enc["attention_mask"].numpy().astype(bool)
+        vmask = (ids == image_token) & att
+        n_vision += int(vmask.sum())
+        n_text += int((att & ~vmask & (np.cumsum(vmask, axis=1) > 0)).sum())
+    return n_vision, n_text
+
+
 def _run(argv: list[str]) -> tuple[int, dict | None]:
     rc = main(argv)
     out = None
@@ -178,6 +192,12 @@ def test_cli_matches_float64_reference(family, model_dirs, data_dir, tmp_path):
     for key in ("fd", "mean_term", "trace_vision", "trace_text", "cross_term", "norm_ratio",
                 "n_vision", "n_text", "outliers_vision", "outliers_text"):
         assert len(result["per_layer"][key]) == len(result["layers"]) == 3
+    # counts are JSON integers (they were written as 160.0) and equal the counts of the input ids
+    n_vision, n_text = reference_token_counts(model_dirs[family], data_dir, n, batch)
+    assert result["per_layer"]["n_vision"] == [n_vision] * 3 and result["per_layer"]["n_text"] == [n_text] * 3
+    for key in COUNT_KEYS:
+        assert all(type(v) is int for v in result["per_layer"][key]), key
+    assert all(type(v) is int for k, v in result["counts"].items() if k != "skipped_image_files")
 
 
 # families whose processors need torchvision (their video processors); torchvision's wheel does
@@ -273,7 +293,7 @@ def test_cli_torchrun_two_ranks_equals_one_and_reference(model_dirs, data_dir, t
     assert rc == 0
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "mir_lightning.cli", *args, "--out", str(out2)],
+         "-m", "mir_lightning", *args, "--out", str(out2)],
         capture_output=True, text=True, env=_env(), timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -290,9 +310,10 @@ def test_cli_torchrun_two_ranks_equals_one_and_reference(model_dirs, data_dir, t
 
 
 def test_cli_subprocess_user_error(tmp_path):
-    """A user error from the real command line: exit code 2, one message, no traceback."""
+    """A user error from the real command line (``python -m mir_lightning``): exit code 2, one
+    message, no traceback."""
     proc = subprocess.run(
-        [sys.executable, "-m", "mir_lightning.cli", "evaluate", str(tmp_path / "nope")],
+        [sys.executable, "-m", "mir_lightning", "evaluate", str(tmp_path / "nope")],
         capture_output=True, text=True, env=_env(), timeout=240,
     )
     assert proc.returncode == 2
@@ -429,3 +450,183 @@ def test_cli_equals_callback_on_same_data(model_dirs, data_dir, tmp_path):
     trainer.validate(Wrapper(), DataLoader(batches, batch_size=None), verbose=False)
     assert callback.history[-1]["mir"] == pytest.approx(result["mir"], rel=1e-9)  # float64 in the history
     assert float(trainer.callback_metrics["mir"]) == pytest.approx(result["mir"], rel=1e-6)  # logged as float32
+
+
+# ----------------------------------------------------------------------------- defects of issue 10
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_cuda_device_without_cuda_is_an_error(device, model_dirs, tmp_path, capsys, monkeypatch):
+    """``--device cuda:0`` used to run on the CPU when no CUDA device exists."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "r.json"
+    rc = main(["evaluate", str(model_dirs["llava"]), "--num-samples", "2", "--device", device,
+               "--out", str(out), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"--device {device}: no CUDA device is available" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_bad_device_name_is_an_error(model_dirs, capsys):
+    assert main(["evaluate", str(model_dirs["llava"]), "--device", "gpu0", "--num-samples", "2"]) == 2
+    assert "--device must be cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+def test_max_outliers_and_median_buffer_reach_the_metric(model_dirs, data_dir, tmp_path, capsys, monkeypatch):
+    """The metric's warnings advise raising max_outliers / median_buffer: the command has both."""
+    import functools
+
+    from mir_lightning.metric import ModalityIntegrationRate
+
+    seen = []
+    original = ModalityIntegrationRate.__init__
+
+    @functools.wraps(original)
+    def recording_init(self, *args, **kwargs):
+        seen.append(kwargs)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModalityIntegrationRate, "__init__", recording_init)
+    n, batch = 6, 6
+    rc, res = _run(["evaluate", str(model_dirs["llava"]), "--images", str(data_dir / "images"), "--texts",
+                    str(data_dir / "texts.txt"), "--num-samples", str(n), "--batch-size", str(batch),
+                    "--max-outliers", "7", "--median-buffer", "8", "--out", str(tmp_path / "r.json"), "--no-progress"])
+    assert rc == 0
+    assert seen[-1]["max_outliers"] == 7 and seen[-1]["median_buffer"] == 8
+    assert res["settings"]["max_outliers"] == 7 and res["settings"]["median_buffer"] == 8
+    # 96 vision tokens > 8: the median is interpolated, and the warning names the option
+    assert res["counts"]["vision_tokens"] > 8
+    err = capsys.readouterr().err
+    assert "median_buffer=8" in err and "(command line: --median-buffer)" in err
+    for bad in (["--max-outliers", "0"], ["--median-buffer", "0"]):
+        assert main(["evaluate", str(model_dirs["llava"]), "--num-samples", "2", *bad]) == 2
+        assert f"{bad[0]} must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--plot", "--out"])
+def test_output_in_a_missing_folder_is_refused_before_any_work(option, model_dirs, tmp_path, capsys, monkeypatch):
+    """``--plot /nonexistent/x.png`` used to create ``/nonexistent/`` after the whole run."""
+    import mir_lightning.cli
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the evaluation started although the output folder is missing")
+
+    monkeypatch.setattr(mir_lightning.cli, "evaluate_checkpoint", must_not_run)
+    target = tmp_path / "missing" / "x.png"
+    rc = main(["evaluate", str(model_dirs["llava"]), "--num-samples", "2", option, str(target)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"the folder {target.parent} does not exist" in err
+    assert not target.parent.exists()
+
+
+def test_plot_has_integer_ticks_at_the_real_layer_ids():
+    from mir_lightning.plotting import per_layer_figure
+
+    stats = {k: [1.0, 2.0, 3.0] for k in ("fd", "mean_term", "trace_vision", "trace_text", "cross_term", "norm_ratio")}
+    fig = per_layer_figure(stats, layers=[0, 2, 5])
+    assert list(fig.axes[1].get_xticks()) == [0, 2, 5]
+    fig = per_layer_figure(stats)  # default ids 0, 1, 2: no fractional ticks
+    fig.canvas.draw()
+    assert list(fig.axes[1].get_xticks()) == [0, 1, 2]
+    many = {k: [1.0] * 40 for k in stats}
+    fig = per_layer_figure(many)
+    fig.canvas.draw()
+    ticks = fig.axes[1].get_xticks()
+    assert len(ticks) > 2 and all(float(t).is_integer() for t in ticks)
+    with pytest.raises(ValueError, match="layers has 2 ids"):
+        per_layer_figure(stats, layers=[0, 1])
+
+
+def test_probe_batches_decode_images_only_when_read(model_dirs, data_dir, monkeypatch):
+    from mir_lightning.probe_data import ProbeSet, probe_set
+
+    decoded = []
+    decode = ProbeSet.image
+    monkeypatch.setattr(ProbeSet, "image", lambda self, i: decoded.append(i) or decode(self, i))
+    samples = probe_set(data_dir / "images", data_dir / "texts.txt", 5)
+    assert decoded == [] and samples.image_paths is not None  # paths only, up front
+    processor = transformers.AutoProcessor.from_pretrained(model_dirs["llava"], local_files_only=True)
+    batches = ProbeBatches(samples, processor, 2, torch.float32, IMAGE_TOKEN_ID)
+    assert len(batches) == 3
+    last = batches[2]
+    assert decoded == []
+    assert last["input_ids"].shape[0] == 1 and decoded == [4]
+    assert len(list(batches)) == 3 and decoded == [4]  # iterating reads nothing
+
+
+def test_evaluate_checkpoint_is_importable_and_equals_the_command(model_dirs, data_dir, tmp_path):
+    n, batch = 8, 4
+    result = evaluate_checkpoint(model_dirs["llava"], images=data_dir / "images", texts=data_dir / "texts.txt",
+                                 num_samples=n, batch_size=batch, device="cpu", layers="0,2", progress=False)
+    ref_mir, ref_fd = reference_run(model_dirs["llava"], data_dir, n, batch)
+    assert result.layers == [0, 2]
+    assert result.per_layer["fd"] == pytest.approx([ref_fd[0], ref_fd[2]], rel=1e-6)
+    assert result.mir == pytest.approx(np.log10(ref_fd[0] + ref_fd[2]), rel=1e-6)
+    assert (result.num_samples, result.world_size, result.device, result.hidden_size) == (n, 1, "cpu", 64)
+    assert (result.vision_tokens, result.text_tokens) == reference_token_counts(model_dirs["llava"], data_dir, n, batch)
+    assert result.seconds > 0 and result.model_class == "LlavaForConditionalGeneration"
+
+
+def _collective_forward_worker(rank: int, world: int, port: int, model_dir: str, data_dir: str, out_dir: str) -> None:
+    """One rank: every forward of the model runs an all-reduce first, as FSDP and ZeRO-3 all-gather
+    parameters in every forward; unequal forward counts across ranks then hang (here: time out)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    cls = transformers.LlavaForConditionalGeneration
+    original = cls.forward
+    forwards = []
+
+    def forward(self, *args, **kwargs):
+        dist.all_reduce(torch.ones(1))
+        forwards.append(1)
+        return original(self, *args, **kwargs)
+
+    cls.forward = forward
+    from mir_lightning.probe_data import ProbeSet
+
+    decode = ProbeSet.image
+    decoded = []
+
+    def image(self, index):
+        decoded.append(index)
+        return decode(self, index)
+
+    ProbeSet.image = image
+    try:
+        result = evaluate_checkpoint(model_dir, images=Path(data_dir) / "images", texts=Path(data_dir) / "texts.txt",
+                                     num_samples=5, batch_size=2, device="cpu", progress=False)
+    finally:
+        cls.forward, ProbeSet.image = original, decode
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"forwards": len(forwards), "decoded": decoded,
+                                                             **result.to_dict()}))
+    dist.destroy_process_group()
+
+
+def test_ranks_run_equal_forward_counts_with_a_padding_batch(model_dirs, data_dir, tmp_path):
+    """5 samples in batches of 2 = 3 batches on 2 ranks: rank 1 runs a padding batch whose tokens
+    are not counted; without it rank 0's second forward waits for rank 1 and times out."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_collective_forward_worker, args=(2, port, str(model_dirs["llava"]), str(data_dir), str(tmp_path)),
+             nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["forwards"] for r in ranks] == [2, 2]
+    # images are decoded per batch on the rank that runs it: rank 0 batches 0 and 2, rank 1
+    # batch 1 and the padding batch (batch 0 again)
+    assert [r["decoded"] for r in ranks] == [[0, 1, 4], [2, 3, 0, 1]]
+    ref_mir, ref_fd = reference_run(model_dirs["llava"], data_dir, 5, 2)
+    n_vision, n_text = reference_token_counts(model_dirs["llava"], data_dir, 5, 2)
+    for r in ranks:
+        assert (r["counts"]["vision_tokens"], r["counts"]["text_tokens"]) == (n_vision, n_text)  # padding not counted
+        assert r["mir"] == pytest.approx(ref_mir, rel=1e-6)
+        assert r["per_layer"]["fd"] == pytest.approx(ref_fd, rel=1e-6)
