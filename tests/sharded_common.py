@@ -64,7 +64,7 @@ def build_model(engine: str) -> nn.Module:
     return model.eval()
 
 
-def decoder_layer_class(model: nn.Module) -> type:
+def decoder_layer_class() -> type:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     return LlamaDecoderLayer
@@ -72,7 +72,7 @@ def decoder_layer_class(model: nn.Module) -> type:
 
 def shard(model: nn.Module, engine: str, world: int) -> nn.Module:
     """Wrap ``model`` (from :func:`build_model`) with ``engine`` on the default process group."""
-    layer_cls = decoder_layer_class(model)
+    layer_cls = decoder_layer_class()
     if engine == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard

@@ -35,10 +35,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _hooked(probe_result, wrapped) -> list[list[str]]:
-    """(class, qualified name inside the wrapper) of each module the probe read."""
+def _hooked(probe, wrapped) -> list[list[str]]:
+    """(class, qualified name inside the wrapper) of each module the probe hooked."""
     names = {id(m): n for n, m in wrapped.named_modules()}
-    return [[type(m).__name__, names.get(id(m), "?")] for m in probe_result.layers]
+    return [[type(m).__name__, names.get(id(m), "?")] for m in probe.measurement.targets.modules]
 
 
 def _run_engine(engine: str, rank: int, world: int, n_batches: int, out: str) -> None:
@@ -57,7 +57,8 @@ def _run_engine(engine: str, rank: int, world: int, n_batches: int, out: str) ->
         "per_layer_fd": [float(x) for x in result.per_layer_fd],
         "forwards": int(result.forwards),
         "error": result.error,
-        "layers": _hooked(result, wrapped),
+        "layer_ids": list(result.layers),
+        "hooked": _hooked(probe, wrapped),
         "wrapper": type(wrapped).__name__,
     }
     with open(os.path.join(out, f"{engine}_rank{rank}.json"), "w") as f:
