@@ -43,14 +43,15 @@ class CPUFSDPStrategy(FSDPStrategy):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-            model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True, **self.kwargs)
+            model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), **self.kwargs)
             self.kwargs.pop("auto_wrap_policy", None)
         return super()._setup_model(model)
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """``DeepSpeedStrategy`` on CPU (with ``DS_ACCELERATOR=cpu``): no CUDA check, no GPU
-    index check, gloo."""
+    index check, gloo, and the engine takes its rank from the environment (Lightning passes
+    the device index, ``None`` on CPU)."""
 
     def setup_environment(self) -> None:
         DDPStrategy.setup_environment(self)
@@ -61,6 +62,15 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
     def _get_process_group_backend(self) -> str:
         return "gloo"
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        import deepspeed
+
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            config=self.config, model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer, lr_scheduler=lr_scheduler, dist_init_required=False,
+        )
+        return engine, ds_optimizer
 
 
 class ShardedLlava(pl.LightningModule):

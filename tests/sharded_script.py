@@ -2,13 +2,14 @@
 
     python tests/sharded_script.py --world 2 --engines fsdp2,fsdp1,peft_ddp --batches 5 --out DIR
     DS_ACCELERATOR=cpu python tests/sharded_script.py --world 2 --engines deepspeed --batches 5 --out DIR
-    python tests/sharded_script.py --world 2 --unequal --batches 5 --out DIR --timeout 8
+    python tests/sharded_script.py --world 2 --engines fsdp2 --then-unequal 8 --batches 5 --out DIR
 
 Each rank writes ``DIR/{engine}_rank{r}.json`` with the probe's MIR, per-layer FD, forward
-count and the hooked modules' classes and names. ``--unequal`` instead runs the forwards the
-old way (rank r takes batches r, r + W, ...) under FSDP2: ranks run different numbers of
-forwards, so one waits in an all-gather that never comes, and the process-group timeout
-turns the hang into a non-zero exit. Ranks are started with ``torch.multiprocessing.spawn``;
+count and the hooked modules' classes and names. ``--then-unequal S`` then runs the forwards
+the old way (rank r takes batches r, r + W, ...) under FSDP2 on a process group with an
+S-second timeout: ranks run different numbers of forwards, so one waits in an all-gather that
+never comes, and the timeout turns the hang into a non-zero exit (it prints
+``UNEQUAL-START`` first). Ranks are started with ``torch.multiprocessing.spawn``;
 every process group has a ``--timeout`` so nothing can hang forever.
 """
 
@@ -66,15 +67,18 @@ def _run_engine(engine: str, rank: int, world: int, n_batches: int, out: str) ->
     dist.barrier()
 
 
-def _run_unequal(rank: int, world: int, n_batches: int) -> None:
+def _run_unequal(rank: int, world: int, n_batches: int, timeout: float) -> None:
     """The pre-fix probe loop: rank-strided batches, no padding forwards (hangs under FSDP2)."""
     from sharded_common import build_model, probe_batches, shard
 
-    wrapped = shard(build_model("fsdp2"), "fsdp2", world)
+    group = dist.new_group(timeout=datetime.timedelta(seconds=timeout))
+    wrapped = shard(build_model("fsdp2"), "fsdp2", world, group=group)
+    if rank == 0:
+        print("UNEQUAL-START", flush=True)
     with torch.no_grad():
         for batch in itertools.islice(probe_batches(n_batches), rank, None, world):
             wrapped(**batch)
-    dist.barrier()
+    dist.barrier(group)
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
@@ -83,11 +87,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=args.timeout))
     try:
-        if args.unequal:
-            _run_unequal(rank, world, args.batches)
-        else:
-            for engine in args.engines.split(","):
-                _run_engine(engine, rank, world, args.batches, args.out)
+        for engine in filter(None, args.engines.split(",")):
+            _run_engine(engine, rank, world, args.batches, args.out)
+        if args.then_unequal:
+            _run_unequal(rank, world, args.batches, args.then_unequal)
     finally:
         dist.destroy_process_group()
 
@@ -99,7 +102,8 @@ def main() -> int:
     ap.add_argument("--batches", type=int, default=5)
     ap.add_argument("--out", default=".")
     ap.add_argument("--timeout", type=float, default=90.0, help="process-group timeout, seconds")
-    ap.add_argument("--unequal", action="store_true")
+    ap.add_argument("--then-unequal", type=float, default=0.0, metavar="S",
+                    help="then run unequal forward counts under FSDP2 with an S-second timeout (must fail)")
     args = ap.parse_args()
     if "deepspeed" in args.engines.split(","):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
