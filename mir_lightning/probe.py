@@ -276,13 +276,9 @@ class Measurement:
         except Exception as err:  # reported by finish(), on every rank
             self.fail(err)
 
-    @contextlib.contextmanager
-    def batch(self, batch: Any, capture: bool = True) -> Iterator[None]:
-        """Capture the forwards run inside the block on ``batch`` (exactly one per hooked layer).
-
-        With ``capture=False`` (a padding forward) nothing is captured. Exceptions of the
-        block propagate; hooks are inactive again afterwards in every case.
-        """
+    def start_batch(self, batch: Any, capture: bool = True) -> None:
+        """Capture the next forwards on ``batch`` (until :meth:`end_batch`); ``capture=False``
+        (a padding forward) captures nothing. A mask failure is recorded, not raised."""
         masks = None
         if capture and self._failure is None and self._capture is not None:
             try:
@@ -292,14 +288,28 @@ class Measurement:
         self._masks = masks
         if self._capture is not None:
             self._capture.activate(masks is not None)
+
+    def end_batch(self, check: bool = True) -> None:
+        """Stop capturing; with ``check``, record a failure unless each hooked layer ran exactly once."""
+        captured = self._masks is not None
+        self._masks = None
+        if self._capture is None:
+            return
+        self._capture.activate(False)
+        if check and captured and self._failure is None:
+            self._check_calls(self._capture.calls)
+
+    @contextlib.contextmanager
+    def batch(self, batch: Any, capture: bool = True) -> Iterator[None]:
+        """``start_batch`` / ``end_batch`` around the block, which runs one forward on ``batch``.
+        Exceptions of the block propagate; hooks are inactive again afterwards in every case."""
+        self.start_batch(batch, capture)
         try:
             yield
-        finally:
-            if self._capture is not None:
-                self._capture.activate(False)
-            self._masks = None
-        if masks is not None and self._failure is None:
-            self._check_calls(self._capture.calls)
+        except BaseException:
+            self.end_batch(check=False)
+            raise
+        self.end_batch()
 
     def _check_calls(self, calls: list[int]) -> None:
         if all(c == 1 for c in calls):
