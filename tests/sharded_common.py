@@ -70,15 +70,15 @@ def decoder_layer_class() -> type:
     return LlamaDecoderLayer
 
 
-def shard(model: nn.Module, engine: str, world: int, group: Any = None) -> nn.Module:
+def shard(model: nn.Module, engine: str, world: int, group: Any = None, device_type: str = "cpu") -> nn.Module:
     """Wrap ``model`` (from :func:`build_model`) with ``engine`` on ``group`` (FSDP2 only;
-    default: the default process group)."""
+    default: the default process group); ``device_type`` of the FSDP2 mesh."""
     layer_cls = decoder_layer_class()
     if engine == "fsdp2":
         from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (world,)) if group is None else DeviceMesh.from_group(group, "cpu")
+        mesh = init_device_mesh(device_type, (world,)) if group is None else DeviceMesh.from_group(group, device_type)
         for module in list(model.modules()):
             if isinstance(module, layer_cls):
                 fully_shard(module, mesh=mesh)

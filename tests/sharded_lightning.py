@@ -6,7 +6,7 @@ Lightning's multi-process strategies re-launch ``sys.argv``, so pytest runs this
     DS_ACCELERATOR=cpu python tests/sharded_lightning.py --strategy deepspeed --devices 2 --batches 5 --out DIR
 
 ``model_parallel`` is Lightning's ``ModelParallelStrategy`` as shipped (FSDP2 ``fully_shard``
-in ``configure_model``); ``fsdp`` and ``deepspeed`` are ``FSDPStrategy`` and
+in ``configure_model``); ``fsdp`` (FSDP1, decoder layers wrapped) and ``deepspeed`` are ``FSDPStrategy`` and
 ``DeepSpeedStrategy`` (ZeRO-3) with the small test-only overrides below that let them run
 on CPU (as shipped they refuse it). One ``trainer.fit`` step at learning rate 0 (weights
 unchanged, so the unsharded reference applies), then validation with a probe of ``--batches``
@@ -112,9 +112,10 @@ def make_strategy(name: str, timeout: datetime.timedelta):
     if name == "model_parallel":
         return ModelParallelStrategy(timeout=timeout)
     if name == "fsdp":
-        return CPUFSDPStrategy(
-            timeout=timeout, auto_wrap_policy={layer_cls}, activation_checkpointing_policy={layer_cls}
-        )
+        # no activation_checkpointing_policy: with transformers 5.24 its recomputation in the
+        # training step's backward fails inside LLaVA's attention (a shape mismatch), unrelated
+        # to MIR; FSDP1 with checkpoint wrappers is covered by sharded_script.py
+        return CPUFSDPStrategy(timeout=timeout, auto_wrap_policy={layer_cls})
     if name == "deepspeed":
         return CPUDeepSpeedStrategy(config=dict(ZERO3_CONFIG), timeout=timeout)
     raise KeyError(name)
