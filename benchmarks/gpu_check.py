@@ -322,6 +322,7 @@ def probe_parity(dev: torch.device, quick: bool, sync) -> list[list[object]]:
                             MIR_TOL_SAME, f"= unsharded on {dev.type} (<= {MIR_TOL_SAME:g})")
         rows.append(row)
         del sharded
+        rows.append(hf_trainer_fsdp_row(dev, sc, batches, mir_same))
         if dev.type == "cuda":
             try:
                 import deepspeed  # noqa: F401
@@ -355,6 +356,43 @@ def probe_parity(dev: torch.device, quick: bool, sync) -> list[list[object]]:
                         f"= unsharded (<= {MIR_TOL_DEVICE:g}) or a clear error")
     rows.append(row)
     return rows
+
+
+def hf_trainer_fsdp_row(dev: torch.device, sc, batches, mir_same: float) -> list[object]:
+    """HF ``Trainer(fsdp="full_shard")`` in the one-rank world, one step at learning rate 0
+    (weights unchanged), MIRTrainerCallback probing after it. On CPU accelerate runs no FSDP
+    (the row says which wrapper the Trainer used)."""
+    name = "MIRTrainerCallback, HF Trainer fsdp='full_shard' (1 rank)"
+    try:
+        from mir_lightning.integrations.hf_trainer import MIRTrainerCallback
+    except ImportError:
+        return [name, "skipped: mir_lightning.integrations.hf_trainer not present", "", "skip"]
+    import tempfile
+
+    from transformers import Trainer, TrainingArguments
+
+    expected = f"= unsharded on {dev.type} (<= {MIR_TOL_SAME:g}), model wrapped by FSDP"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            args = TrainingArguments(
+                output_dir=tmp, max_steps=1, learning_rate=0.0, weight_decay=0.0, per_device_train_batch_size=1,
+                report_to=[], save_strategy="no", logging_strategy="no", remove_unused_columns=False,
+                use_cpu=dev.type == "cpu", fsdp="full_shard",
+                fsdp_config={"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+            )
+            callback = MIRTrainerCallback(batches, every_n_steps=1, hidden_size=64)
+            trainer = Trainer(model=sc.build_model("fsdp2").to(dev), args=args, train_dataset=batches[:1],
+                              data_collator=lambda items: {**items[0], "labels": items[0]["input_ids"]},
+                              callbacks=[callback])
+            trainer.train()
+            wrapper = type(trainer.model_wrapped).__name__
+        mir = float(callback.history[-1]["mir"])
+    except Exception as err:
+        return [name, f"raised {type(err).__name__}: {str(err)[:120]}", expected, "FAIL"]
+    diff = abs(mir - mir_same)
+    status = "ok" if diff <= MIR_TOL_SAME and "FullyShardedDataParallel" in wrapper else (
+        "MISMATCH" if diff > MIR_TOL_SAME else "no FSDP")
+    return [name, f"|dMIR| {diff:.1e}, wrapper {wrapper}", expected, status]
 
 
 def scale_checks(dev: torch.device, quick: bool, sync) -> list[list[object]]:
