@@ -1,16 +1,17 @@
 """MIRCallback's probe under Lightning's sharded strategies on CPU (gloo), as a script:
 Lightning's multi-process strategies re-launch ``sys.argv``, so pytest runs this file.
 
-    python tests/sharded_lightning.py --strategy model_parallel --devices 2 --batches 5 --out DIR
-    python tests/sharded_lightning.py --strategy fsdp --devices 2 --batches 5 --out DIR
-    DS_ACCELERATOR=cpu python tests/sharded_lightning.py --strategy deepspeed --devices 2 --batches 5 --out DIR
+    python tests/sharded_lightning.py --strategies model_parallel,fsdp,fsdp_through_wrapper,deepspeed --out DIR
 
 ``model_parallel`` is Lightning's ``ModelParallelStrategy`` as shipped (FSDP2 ``fully_shard``
 in ``configure_model``); ``fsdp`` (FSDP1, decoder layers wrapped) and ``deepspeed`` are ``FSDPStrategy`` and
 ``DeepSpeedStrategy`` (ZeRO-3) with the small test-only overrides below that let them run
 on CPU (as shipped they refuse it). One ``trainer.fit`` step at learning rate 0 (weights
 unchanged, so the unsharded reference applies), then validation with a probe of ``--batches``
-batches; each rank writes ``DIR/lightning_{strategy}_rank{r}.json`` with the logged MIR.
+batches, for each strategy in turn in the same processes (the process group is kept); each
+rank writes ``DIR/lightning_{strategy}_rank{r}.json`` with the logged MIR
+(``lightning_{strategy}_through_wrapper_rank{r}.json`` for ``{strategy}_through_wrapper``, a
+``probe_step`` that forwards through ``trainer.strategy.model``).
 """
 
 from __future__ import annotations
@@ -121,34 +122,46 @@ def make_strategy(name: str, timeout: datetime.timedelta):
     raise KeyError(name)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--strategy", required=True, choices=("model_parallel", "fsdp", "deepspeed"))
-    ap.add_argument("--devices", type=int, default=2)
-    ap.add_argument("--batches", type=int, default=5)
-    ap.add_argument("--out", default=".")
-    ap.add_argument("--timeout", type=float, default=90.0, help="process-group timeout, seconds")
-    args = ap.parse_args()
-    if args.strategy == "deepspeed":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", extension_cache_dir())
-    torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=args.timeout)
-    callback = MIRCallback(probe_dataloader=probe_batches(args.batches), log_figures=False, hidden_size=64)
+def fit_and_record(args: argparse.Namespace, strategy: str, timeout: datetime.timedelta, through_wrapper: bool) -> None:
+    """One ``trainer.fit`` step, validation with the probe, and this rank's JSON record."""
+    step = (lambda module, batch: module.trainer.strategy.model(batch)) if through_wrapper else None
+    callback = MIRCallback(probe_dataloader=probe_batches(args.batches), probe_step=step, log_figures=False,
+                           hidden_size=64)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=args.devices, strategy=make_strategy(args.strategy, timeout),
+        accelerator="cpu", devices=args.devices, strategy=make_strategy(strategy, timeout),
         max_steps=1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0,
         callbacks=[callback], logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
     )
     train = DataLoader(probe_batches(1), batch_size=None)
-    trainer.fit(ShardedLlava(fully_shard_layers=args.strategy == "model_parallel"), train, train)
+    trainer.fit(ShardedLlava(fully_shard_layers=strategy == "model_parallel"), train, train)
     last = callback.history[-1]
-    record = {"strategy": args.strategy, "rank": trainer.global_rank, "world": trainer.world_size,
+    record = {"strategy": strategy, "rank": trainer.global_rank, "world": trainer.world_size,
               "mir": last["mir"], "per_layer_fd": last.get("fd"),
               "logged_mir": float(trainer.callback_metrics["mir"])}
-    with open(os.path.join(args.out, f"lightning_{args.strategy}_rank{trainer.global_rank}.json"), "w") as f:
+    tag = strategy + ("_through_wrapper" if through_wrapper else "")
+    with open(os.path.join(args.out, f"lightning_{tag}_rank{trainer.global_rank}.json"), "w") as f:
         json.dump(record, f)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--strategies", default="model_parallel,fsdp,fsdp_through_wrapper,deepspeed",
+                    help="comma-separated, run one after the other in the same processes: model_parallel, fsdp, "
+                         "deepspeed, each optionally with the suffix _through_wrapper (a probe_step that forwards "
+                         "through trainer.strategy.model)")
+    ap.add_argument("--devices", type=int, default=2)
+    ap.add_argument("--batches", type=int, default=5)
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--timeout", type=float, default=90.0, help="process-group timeout, seconds")
+    args = ap.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is imported
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extension_cache_dir())
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=args.timeout)
+    for name in args.strategies.split(","):
+        strategy = name.removesuffix("_through_wrapper")
+        fit_and_record(args, strategy, timeout, through_wrapper=strategy != name)
     return 0
 
 
