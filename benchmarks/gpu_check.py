@@ -335,7 +335,7 @@ def probe_parity(dev: torch.device, quick: bool, sync) -> list[list[object]]:
                 rows.append(row)
                 del engine
     finally:
-        if started:
+        if started and dist.is_initialized():
             dist.destroy_process_group()
     if quick and dev.type == "cpu":
         rows.append(["MIRProbe, torch.compile(model)", "skipped in --quick on CPU (inductor build)", "", "skip"])
