@@ -9,7 +9,8 @@ count and the hooked modules' classes and names. ``--then-unequal S`` then runs 
 the old way (rank r takes batches r, r + W, ...) under FSDP2 on a process group with an
 S-second timeout: ranks run different numbers of forwards, so one waits in an all-gather that
 never comes, and the timeout turns the hang into a non-zero exit (it prints
-``UNEQUAL-START`` first). Ranks are started with ``torch.multiprocessing.spawn``;
+``UNEQUAL-START`` first and ``UNEQUAL-FAILED rank r after t s: <error>`` for each rank
+that raised). Ranks are started with ``torch.multiprocessing.spawn``;
 every process group has a ``--timeout`` so nothing can hang forever.
 """
 
@@ -22,6 +23,7 @@ import json
 import os
 import socket
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,12 +75,19 @@ def _run_unequal(rank: int, world: int, n_batches: int, timeout: float) -> None:
 
     group = dist.new_group(timeout=datetime.timedelta(seconds=timeout))
     wrapped = shard(build_model("fsdp2"), "fsdp2", world, group=group)
+    dist.barrier(group)
     if rank == 0:
         print("UNEQUAL-START", flush=True)
-    with torch.no_grad():
-        for batch in itertools.islice(probe_batches(n_batches), rank, None, world):
-            wrapped(**batch)
-    dist.barrier(group)
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            for batch in itertools.islice(probe_batches(n_batches), rank, None, world):
+                wrapped(**batch)
+        dist.barrier(group)
+    except Exception as err:  # the rank that timed out first, or its peer seeing the connection close
+        print(f"UNEQUAL-FAILED rank {rank} after {time.perf_counter() - start:.1f} s: "
+              f"{type(err).__name__}: {str(err).splitlines()[0]}", flush=True)
+        raise
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
