@@ -23,10 +23,12 @@ What ``run()`` guarantees:
   collective, so unequal counts would hang;
 * ranks agree on failure with one collective before the metric's merge: a failure on any
   rank (masks, the metric, a forward that raises) gives every rank a NaN result whose
-  ``error`` says why, so a training loop can log it and go on. Configuration errors found
-  before any forward (layers that cannot be found) raise on every rank. A forward that
-  raises on one rank only, inside a sharded engine's collective, leaves the others waiting
-  in that collective until the process group's timeout: that is the engine's limit.
+  ``error`` says why, so a training loop can log it and go on. After a failure a rank still
+  runs its remaining forwards (capturing nothing), so that engines whose forwards are
+  collectives (FSDP, ZeRO-3, DDP's buffer broadcast) stay in step. Configuration errors
+  found before any forward (layers that cannot be found) raise on every rank. A forward
+  that raises on one rank only in the middle of a sharded engine's collective leaves the
+  others waiting in it until the process group's timeout: that is the engine's limit.
 """
 
 from __future__ import annotations
@@ -542,9 +544,8 @@ class MIRProbe:
                     try:
                         with measurement.batch(batch, capture):
                             self.step(model, batch)
-                    except Exception as err:
+                    except Exception as err:  # go on without capture: keep the forward count of the others
                         measurement.fail(err)
-                        break
         except Exception as err:  # the loader itself failed
             measurement.fail(err)
         finally:
