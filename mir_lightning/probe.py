@@ -145,10 +145,14 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+MASK_KEYS = ("vision_mask", "text_mask")
+
+
 def default_step(model: nn.Module, batch: Any) -> Any:
-    """``model(**batch)`` for a mapping batch, else ``model(batch)``."""
+    """``model(**batch)`` for a mapping batch (without its ``vision_mask`` / ``text_mask``
+    entries, which are the probe's, not the model's), else ``model(batch)``."""
     if isinstance(batch, Mapping):
-        return model(**batch)
+        return model(**{key: value for key, value in batch.items() if key not in MASK_KEYS})
     return model(batch)
 
 
@@ -318,8 +322,9 @@ class Measurement:
             return
         ran = ", ".join(f"layer {i}: {c}" for i, c in zip(self.layer_ids, calls))
         hint = (
-            "is the model (or one of its layers) compiled with torch.compile without torch.compiler.set_stance "
-            "(torch >= 2.6)? Pass the uncompiled module (compiled._orig_mod) instead"
+            "is the model (or one of its layers) compiled with torch.compile? Compiled code skips hooks added after "
+            "compilation: measure through MIRProbe (it runs compiled models eagerly, torch >= 2.6) or pass the "
+            "uncompiled module (compiled._orig_mod)"
             if not any(calls)
             else "a step must run one forward of the model per batch"
         )
@@ -420,7 +425,8 @@ class MIRProbe:
             Under torch.distributed give every rank the same, unsharded loader: the probe
             shards it itself (rank r takes batches r, r + W, ...).
         step: ``step(model, batch)`` runs one forward; default ``model(**batch)`` for
-            mapping batches, else ``model(batch)``. The batch is moved to the model's device.
+            mapping batches (less their ``vision_mask`` / ``text_mask`` entries), else
+            ``model(batch)``. The batch is moved to the model's device first.
         layers: the modules whose outputs are the LLM's per-layer hidden states (a list, or
             a function of the model returning one). Default: found automatically for Hugging
             Face VLMs / causal LMs (also inside DDP, DeepSpeed, FSDP1/FSDP2, peft and

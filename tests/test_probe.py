@@ -79,6 +79,9 @@ def test_probe_equals_reference_and_restores_the_model():
     assert not capture_hooks(model)
     # a second run reuses the engine and gives the same numbers; a layer subset keeps the model's ids
     assert torch.equal(probe.run(model).per_layer_fd, result.per_layer_fd)
+    # masks given as batch entries are the probe's: the default step does not pass them to the model
+    with_masks = [{**b, **dict(zip(("vision_mask", "text_mask"), official_masks(b)))} for b in batches]
+    assert_matches(MIRProbe(with_masks).run(model), expected)
     subset = MIRProbe(batches, layer_indices=[0, 2]).run(model)
     assert subset.layers == [0, 2]
     assert_matches(subset, reference(model, batches, layers=[0, 2]))
