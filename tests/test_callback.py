@@ -103,6 +103,43 @@ def test_probe_dataloader_and_step_output(tmp_path):
     assert cb3.history[-1]["layers"] == [0, 2]
 
 
+class ModeRecorder(TinyLlava):
+    """Records, at each training step, whether every module is in training mode."""
+
+    def training_step(self, batch, batch_idx):
+        self.modes = getattr(self, "modes", []) + [all(m.training for m in self.modules())]
+        return super().training_step(batch, batch_idx)
+
+
+def test_every_n_train_steps_without_validation(tmp_path):
+    module = ModeRecorder(lr=0.0).train()  # fixed weights: every probe equals the reference
+    probe = make_batches(n_batches=3, seed=50)
+    cb = MIRCallback(probe_dataloader=loader(probe), every_n_train_steps=2)
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    trainer = pl.Trainer(callbacks=[cb], logger=logger, max_steps=5, accumulate_grad_batches=2,
+                         enable_checkpointing=False, log_every_n_steps=1, **TRAINER)
+    trainer.fit(module, loader(make_batches()))  # no validation dataloader at all
+    ref_mir, ref_fd, _ = reference_for(module, probe)
+    scalars = read_scalars(os.path.join(str(tmp_path), "tb", "version_0"))
+    # once per probe, at its optimizer step (not at every micro-batch of the accumulation)
+    assert [s for s, _ in scalars["mir"]] == [2, 4]
+    assert all(abs(v - ref_mir) < 1e-6 for _, v in scalars["mir"])  # TensorBoard stores float32
+    assert [s for s, _ in scalars["mir/fd/layer_02"]] == [2, 4]
+    assert math.isclose(scalars["mir/fd/layer_02"][-1][1], ref_fd[2], rel_tol=1e-6)
+    assert [h["step"] for h in cb.history] == [2, 4]
+    assert all(math.isclose(h["mir"], ref_mir, rel_tol=1e-9) for h in cb.history)  # measured 1e-15
+    assert math.isclose(float(trainer.callback_metrics["mir"]), ref_mir, rel_tol=1e-9)
+    assert not capture_hooks(module)
+    assert len(module.modes) == 10 and all(module.modes)  # the probe's eval() was undone every time
+
+
+def test_refuses_unknown_keywords_and_inconsistent_options():
+    with pytest.raises(TypeError, match="every_n_train_stepz"):
+        MIRCallback(every_n_train_stepz=2)
+    with pytest.raises(ValueError, match="probe_dataloader"):
+        MIRCallback(every_n_train_steps=2)
+
+
 def test_failure_is_a_warning_and_nan(tmp_path):
     def broken_masks(batch):
         raise RuntimeError("boom")
