@@ -396,8 +396,14 @@ def hf_trainer_fsdp_row(dev: torch.device, sc, batches, mir_same: float) -> list
 
 
 def scale_checks(dev: torch.device, quick: bool, sync) -> list[list[object]]:
-    """Step 5: the rows of one table."""
-    return update_syncs(dev, quick, sync) + probe_parity(dev, quick, sync)
+    """Step 5: the rows of one table (a check that raises becomes a FAIL row, the others still run)."""
+    rows: list[list[object]] = []
+    for check in (update_syncs, probe_parity):
+        try:
+            rows += check(dev, quick, sync)
+        except Exception as err:
+            rows.append([check.__name__, f"raised {type(err).__name__}: {str(err)[:160]}", "", "FAIL"])
+    return rows
 
 
 if __name__ == "__main__":
