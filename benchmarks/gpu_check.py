@@ -1,5 +1,7 @@
 """GPU check: compute() at D=4096 x 32 layers and update() throughput against the bare
-masked X^T X product, on one CUDA device (< 3 minutes on an H100-class GPU).
+masked X^T X product on one CUDA device, then the scale checks of issue 12 (step 5). Steps
+1-4 take < 3 minutes on an H100-class GPU; the whole script is meant to end in < 8 minutes
+(not yet run on a GPU).
 
     python benchmarks/gpu_check.py                     # CUDA, D=4096 x 32 layers
     python benchmarks/gpu_check.py --device cpu --quick    # CPU smoke run, D=1024 x 4 layers
@@ -14,19 +16,31 @@ small case first):
 3. accuracy of layer 0 against a float64 reference computed from its materialised tokens
    (3-sigma rule with exact medians, Bures/Procrustes form);
 4. update() throughput (batches [4, 1024, D], ~60% of positions selected) against the bare
-   masked X^T X product, float64 and float32, interleaved.
+   masked X^T X product, float64 and float32, interleaved;
+5. scale checks (issue 12), one table: host syncs inside steady-state update() counted with
+   ``torch.cuda.set_sync_debug_mode("warn")`` (on CPU: calls of ``Tensor.item``/``bool``/
+   ``int``/``float``/``tolist``, a proxy); ``MIRProbe`` on a tiny LLaVA (tests/vlm_factory.py)
+   unsharded, under FSDP2 ``fully_shard`` in a one-rank world (nccl on CUDA, gloo on CPU),
+   compiled with ``torch.compile`` and, when deepspeed is installed (CUDA only), under ZeRO-3
+   in a one-rank world, each against the single-process float64 reference on materialised
+   tokens (tests/reference.py), with the probe's wall time.
+
+    python benchmarks/gpu_check.py --steps scale --device cpu --quick   # step 5 only (CPU smoke)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 import time
 import warnings
 
 import _common as C  # first: sets OMP_WAIT_POLICY before torch loads
 import torch
+from collections.abc import Iterator
 
 from mir_lightning import ModalityIntegrationRate
 
@@ -44,6 +58,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="CPU intra-op threads (CPU runs)")
     ap.add_argument("--budget-s", type=float, default=150.0,
                     help="skip remaining repeats once this much wall time has passed")
+    ap.add_argument("--steps", choices=("all", "core", "scale"), default="all",
+                    help="core: steps 1-4; scale: step 5 (issue 12 checks); all: both")
     a = ap.parse_args()
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -66,6 +82,17 @@ def main() -> int:
         props = torch.cuda.get_device_properties(dev)
         print(f"device: {torch.cuda.get_device_name(dev)} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}")
     print(f"gpu_check: D={D} x {L} layers on {dev}\n")
+    if a.steps != "scale":
+        core_checks(dev, D, L, T, a, t_start, sync)
+    if a.steps != "core":
+        print("\n5. scale checks (issue 12)")
+        print(C.table(["check", "result", "expected", "status"], scale_checks(dev, a.quick, sync)))
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+def core_checks(dev: torch.device, D: int, L: int, T: int, a: argparse.Namespace, t_start: float, sync) -> None:
+    """Steps 1-4 (see the module docstring)."""
 
     import _reference as BC  # reference math (same folder, torch only)
     import bench_update as BU
@@ -169,8 +196,216 @@ def main() -> int:
         rows.append([dt, f"{2 * selected / tu:,.0f}", f"{2 * selected / tfl:,.0f}", tfl / tu])
     print(f"\nupdate(): batches [4, {T}, {D}] x {L} layers, {selected:.0f} selected positions per batch")
     print(C.table(["state", "update() tokens/s", "floor tokens/s", "update / floor"], rows))
-    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
-    return 0
+
+
+# ----------------------------------------------------------------------------- step 5
+TESTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+PROBE_BATCHES = 5
+# The float32 forward of the tiny LLaVA on another device (or compiled) differs from the CPU
+# one by ~1e-7 relative per hidden state; MIR moves by about as much. Sharding or the
+# probe's own bookkeeping must not add to it (1e-12 against the same device unsharded).
+MIR_TOL_DEVICE = 1e-4
+MIR_TOL_SAME = 1e-9
+
+
+@contextlib.contextmanager
+def count_host_syncs(dev: torch.device) -> Iterator[list[int]]:
+    """Count host syncs inside the block: CUDA's sync debug mode warnings on CUDA; on CPU
+    (no syncs exist) calls of the tensor-to-Python conversions that would sync on a GPU."""
+    count = [0]
+    if dev.type == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield count
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        count[0] = sum("synchroniz" in str(w.message) for w in caught)
+        return
+    names = ("item", "__bool__", "__int__", "__float__", "tolist")
+    originals = {n: getattr(torch.Tensor, n) for n in names}
+
+    def counting(original):
+        def wrapper(self, *args, **kwargs):
+            count[0] += 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for n, f in originals.items():
+        setattr(torch.Tensor, n, counting(f))
+    try:
+        yield count
+    finally:
+        for n, f in originals.items():
+            setattr(torch.Tensor, n, f)
+
+
+def update_syncs(dev: torch.device, quick: bool, sync) -> list[list[object]]:
+    """Host syncs per steady-state update() (float64 and float32 state), after warm-up."""
+    import bench_update as BU
+
+    D, L = (256, 4) if quick else (4096, 8)
+    batches = BU.make_batches(D, L, 2, 2, 256 if quick else 1024, 3, device=dev)
+    rows = []
+    for dtype in (F64, F32):
+        metric = ModalityIntegrationRate(L, D, state_dtype=dtype).to(dev)
+        for hidden, vm, tm in batches:  # warm-up: buffers filled, medians settled
+            metric.update(hidden, vm, tm)
+        sync()
+        with count_host_syncs(dev) as count:
+            for hidden, vm, tm in batches:
+                metric.update(hidden, vm, tm)
+            sync_free = count[0]
+        per_call = sync_free / len(batches)
+        kind = "CUDA sync warnings" if dev.type == "cuda" else "CPU proxy: .item/bool/int/float/tolist calls"
+        rows.append([f"update() host syncs per call, {str(dtype)[6:]} state, {L} layers ({kind})",
+                     f"{per_call:.1f} ({per_call / L:.2f} per layer)", "0 per layer (issue 12 item 6)",
+                     "ok" if sync_free == 0 else "SYNCS"])
+    return rows
+
+
+def _tiny_llava_parts():
+    if TESTS_DIR not in sys.path:
+        sys.path.insert(0, TESTS_DIR)
+    import sharded_common
+
+    return sharded_common
+
+
+def _probe_row(name: str, run, mir_ref: float, tol: float, expected: str) -> tuple[list[object], float]:
+    try:
+        result = run()
+    except Exception as err:  # one failing engine must not hide the others
+        return [name, f"raised {type(err).__name__}: {str(err)[:120]}", expected, "FAIL"], math.nan
+    if result.error is not None:
+        return [name, f"error: {result.error[:120]}", expected, "FAIL"], math.nan
+    diff = abs(result.mir - mir_ref)
+    return [name, f"|dMIR| {diff:.1e}, probe {result.seconds:.2f} s, {result.forwards} forwards", expected,
+            "ok" if diff <= tol else "MISMATCH"], result.mir
+
+
+def probe_parity(dev: torch.device, quick: bool, sync) -> list[list[object]]:
+    """MIRProbe unsharded / FSDP2 (one rank) / compiled / ZeRO-3 (one rank) against the
+    float64 reference and against each other."""
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    from mir_lightning.probe import MIRProbe
+
+    sc = _tiny_llava_parts()
+    rows: list[list[object]] = []
+    mir_ref, _ = sc.reference_result("fsdp2", PROBE_BATCHES)  # CPU float64, materialised tokens
+    batches = sc.probe_batches(PROBE_BATCHES)
+
+    def probe() -> MIRProbe:
+        return MIRProbe(batches, hidden_size=64)
+
+    plain = sc.build_model("fsdp2").to(dev)
+    row, mir_plain = _probe_row("MIRProbe, unsharded", lambda: probe().run(plain), mir_ref, MIR_TOL_DEVICE,
+                                f"= float64 reference (<= {MIR_TOL_DEVICE:g}, float32 forward on {dev.type})")
+    rows.append(row)
+    mir_same = mir_plain if math.isfinite(mir_plain) else mir_ref
+    started = False
+    if not (dist.is_available() and dist.is_initialized()):
+        with socket.socket() as s_:
+            s_.bind(("127.0.0.1", 0))
+            port = s_.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=120))
+        started = True
+    try:
+        sharded = sc.shard(sc.build_model("fsdp2").to(dev), "fsdp2", 1, device_type=dev.type)
+        row, _ = _probe_row("MIRProbe, FSDP2 fully_shard (1 rank)", lambda: probe().run(sharded), mir_same,
+                            MIR_TOL_SAME, f"= unsharded on {dev.type} (<= {MIR_TOL_SAME:g})")
+        rows.append(row)
+        del sharded
+        rows.append(hf_trainer_fsdp_row(dev, sc, batches, mir_same))
+        if dev.type == "cuda":
+            try:
+                import deepspeed  # noqa: F401
+            except ImportError:
+                rows.append(["MIRProbe, DeepSpeed ZeRO-3 (1 rank)", "skipped: deepspeed not installed", "", "skip"])
+            else:
+                engine = sc.shard(sc.build_model("fsdp2").to(dev), "deepspeed", 1)
+                row, _ = _probe_row("MIRProbe, DeepSpeed ZeRO-3 (1 rank)", lambda: probe().run(engine), mir_same,
+                                    MIR_TOL_SAME, f"= unsharded on {dev.type} (<= {MIR_TOL_SAME:g})")
+                rows.append(row)
+                del engine
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
+    if quick and dev.type == "cpu":
+        rows.append(["MIRProbe, torch.compile(model)", "skipped in --quick on CPU (inductor build)", "", "skip"])
+        return rows
+    compiled = torch.compile(sc.build_model("fsdp2").to(dev))
+    try:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            compiled(**{k: v.to(dev) for k, v in batches[0].items()})  # compile once, as training would
+        sync()
+        compile_s = time.perf_counter() - t0
+    except Exception as err:
+        rows.append(["MIRProbe, torch.compile(model)", f"compile raised {type(err).__name__}: {str(err)[:100]}", "",
+                     "FAIL"])
+        return rows
+    row, _ = _probe_row(f"MIRProbe, torch.compile(model) (compiled in {compile_s:.0f} s)",
+                        lambda: probe().run(compiled), mir_same, MIR_TOL_DEVICE,
+                        f"= unsharded (<= {MIR_TOL_DEVICE:g}) or a clear error")
+    rows.append(row)
+    return rows
+
+
+def hf_trainer_fsdp_row(dev: torch.device, sc, batches, mir_same: float) -> list[object]:
+    """HF ``Trainer(fsdp="full_shard")`` in the one-rank world, one step at learning rate 0
+    (weights unchanged), MIRTrainerCallback probing after it. On CPU accelerate runs no FSDP
+    (the row says which wrapper the Trainer used)."""
+    name = "MIRTrainerCallback, HF Trainer fsdp='full_shard' (1 rank)"
+    try:
+        from mir_lightning.integrations.hf_trainer import MIRTrainerCallback
+    except ImportError:
+        return [name, "skipped: mir_lightning.integrations.hf_trainer not present", "", "skip"]
+    import tempfile
+
+    from transformers import Trainer, TrainingArguments
+
+    expected = f"= unsharded on {dev.type} (<= {MIR_TOL_SAME:g}), model wrapped by FSDP"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            args = TrainingArguments(
+                output_dir=tmp, max_steps=1, learning_rate=0.0, weight_decay=0.0, per_device_train_batch_size=1,
+                report_to=[], save_strategy="no", logging_strategy="no", remove_unused_columns=False,
+                use_cpu=dev.type == "cpu", fsdp="full_shard",
+                fsdp_config={"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+            )
+            callback = MIRTrainerCallback(batches, every_n_steps=1, hidden_size=64)
+            trainer = Trainer(model=sc.build_model("fsdp2").to(dev), args=args, train_dataset=batches[:1],
+                              data_collator=lambda items: {**items[0], "labels": items[0]["input_ids"]},
+                              callbacks=[callback])
+            trainer.train()
+            wrapper = type(trainer.model_wrapped).__name__
+        mir = float(callback.history[-1]["mir"])
+    except Exception as err:
+        return [name, f"raised {type(err).__name__}: {str(err)[:120]}", expected, "FAIL"]
+    diff = abs(mir - mir_same)
+    status = "ok" if diff <= MIR_TOL_SAME and "FullyShardedDataParallel" in wrapper else (
+        "MISMATCH" if diff > MIR_TOL_SAME else "no FSDP")
+    return [name, f"|dMIR| {diff:.1e}, wrapper {wrapper}", expected, status]
+
+
+def scale_checks(dev: torch.device, quick: bool, sync) -> list[list[object]]:
+    """Step 5: the rows of one table (a check that raises becomes a FAIL row, the others still run)."""
+    rows: list[list[object]] = []
+    for check in (update_syncs, probe_parity):
+        try:
+            rows += check(dev, quick, sync)
+        except Exception as err:
+            rows.append([check.__name__, f"raised {type(err).__name__}: {str(err)[:160]}", "", "FAIL"])
+    return rows
 
 
 if __name__ == "__main__":

@@ -23,10 +23,12 @@ What ``run()`` guarantees:
   collective, so unequal counts would hang;
 * ranks agree on failure with one collective before the metric's merge: a failure on any
   rank (masks, the metric, a forward that raises) gives every rank a NaN result whose
-  ``error`` says why, so a training loop can log it and go on. Configuration errors found
-  before any forward (layers that cannot be found) raise on every rank. A forward that
-  raises on one rank only, inside a sharded engine's collective, leaves the others waiting
-  in that collective until the process group's timeout: that is the engine's limit.
+  ``error`` says why, so a training loop can log it and go on. After a failure a rank still
+  runs its remaining forwards (capturing nothing), so that engines whose forwards are
+  collectives (FSDP, ZeRO-3, DDP's buffer broadcast) stay in step. Configuration errors
+  found before any forward (layers that cannot be found) raise on every rank. A forward
+  that raises on one rank only in the middle of a sharded engine's collective leaves the
+  others waiting in it until the process group's timeout: that is the engine's limit.
 """
 
 from __future__ import annotations
@@ -143,10 +145,14 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+MASK_KEYS = ("vision_mask", "text_mask")
+
+
 def default_step(model: nn.Module, batch: Any) -> Any:
-    """``model(**batch)`` for a mapping batch, else ``model(batch)``."""
+    """``model(**batch)`` for a mapping batch (without its ``vision_mask`` / ``text_mask``
+    entries, which are the probe's, not the model's), else ``model(batch)``."""
     if isinstance(batch, Mapping):
-        return model(**batch)
+        return model(**{key: value for key, value in batch.items() if key not in MASK_KEYS})
     return model(batch)
 
 
@@ -316,8 +322,9 @@ class Measurement:
             return
         ran = ", ".join(f"layer {i}: {c}" for i, c in zip(self.layer_ids, calls))
         hint = (
-            "is the model (or one of its layers) compiled with torch.compile without torch.compiler.set_stance "
-            "(torch >= 2.6)? Pass the uncompiled module (compiled._orig_mod) instead"
+            "is the model (or one of its layers) compiled with torch.compile? Compiled code skips hooks added after "
+            "compilation: measure through MIRProbe (it runs compiled models eagerly, torch >= 2.6) or pass the "
+            "uncompiled module (compiled._orig_mod)"
             if not any(calls)
             else "a step must run one forward of the model per batch"
         )
@@ -418,7 +425,8 @@ class MIRProbe:
             Under torch.distributed give every rank the same, unsharded loader: the probe
             shards it itself (rank r takes batches r, r + W, ...).
         step: ``step(model, batch)`` runs one forward; default ``model(**batch)`` for
-            mapping batches, else ``model(batch)``. The batch is moved to the model's device.
+            mapping batches (less their ``vision_mask`` / ``text_mask`` entries), else
+            ``model(batch)``. The batch is moved to the model's device first.
         layers: the modules whose outputs are the LLM's per-layer hidden states (a list, or
             a function of the model returning one). Default: found automatically for Hugging
             Face VLMs / causal LMs (also inside DDP, DeepSpeed, FSDP1/FSDP2, peft and
@@ -542,9 +550,8 @@ class MIRProbe:
                     try:
                         with measurement.batch(batch, capture):
                             self.step(model, batch)
-                    except Exception as err:
+                    except Exception as err:  # go on without capture: keep the forward count of the others
                         measurement.fail(err)
-                        break
         except Exception as err:  # the loader itself failed
             measurement.fail(err)
         finally:

@@ -79,6 +79,9 @@ def test_probe_equals_reference_and_restores_the_model():
     assert not capture_hooks(model)
     # a second run reuses the engine and gives the same numbers; a layer subset keeps the model's ids
     assert torch.equal(probe.run(model).per_layer_fd, result.per_layer_fd)
+    # masks given as batch entries are the probe's: the default step does not pass them to the model
+    with_masks = [{**b, **dict(zip(("vision_mask", "text_mask"), official_masks(b)))} for b in batches]
+    assert_matches(MIRProbe(with_masks).run(model), expected)
     subset = MIRProbe(batches, layer_indices=[0, 2]).run(model)
     assert subset.layers == [0, 2]
     assert_matches(subset, reference(model, batches, layers=[0, 2]))
@@ -98,7 +101,7 @@ def test_raising_step_leaves_no_hook_and_restores_mode():
     result = MIRProbe(make_batches(n_batches=3), step=step).run(model)
     assert math.isnan(result.mir) and "step exploded" in result.error
     assert torch.isnan(result.per_layer_fd).all() and result.per_layer_fd.shape == (3,)
-    assert result.forwards == 2  # stopped at the failing forward
+    assert result.forwards == 3 and len(calls) == 3  # the remaining forwards still ran (equal counts on all ranks)
     assert model.training and all(m.training for m in model.modules())
     assert not capture_hooks(model)
 
@@ -321,6 +324,12 @@ def _masks_failing_on_last_rank(batch):
     return official_masks(batch)
 
 
+def _step_failing_on_last_rank(model, batch):
+    model(**batch)
+    if dist.get_rank() == dist.get_world_size() - 1:
+        raise RuntimeError("step failed on the last rank")
+
+
 def _rank_worker(rank, world, port, kinds, n_batches, out_dir):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
@@ -337,6 +346,9 @@ def _rank_worker(rank, world, port, kinds, n_batches, out_dir):
                          "hooks": len(capture_hooks(model))}
         failing = MIRProbe(batches, masks=_masks_failing_on_last_rank).run(_wrapped("plain", world))
         out["failing"] = {"mir": failing.mir, "error": failing.error}
+        # a step raising after its forward on one rank only, under FSDP2 (every forward a collective)
+        raising = MIRProbe(batches, step=_step_failing_on_last_rank).run(_wrapped("fsdp2", world))
+        out["raising"] = {"mir": raising.mir, "error": raising.error, "forwards": raising.forwards}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -361,3 +373,40 @@ def test_ranks_shard_the_probe_with_equal_forwards(tmp_path, world, kinds):
         # a failure on one rank: every rank returns NaN and says so, nobody hangs in the merge
         assert math.isnan(got["failing"]["mir"])
         assert got["failing"]["error"] is not None
+        raising = got["raising"]
+        assert math.isnan(raising["mir"]) and raising["forwards"] == math.ceil(n_batches / world)
+        assert ("step failed on the last rank" if rank == world - 1 else "another rank") in raising["error"]
+
+
+_DEEPSPEED_SCRIPT = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import torch, deepspeed
+from lightning_helpers import make_batches
+from vlm_factory import make_tiny_vlm
+from mir_lightning import MIRProbe
+model, _ = make_tiny_vlm("llava")
+batches = make_batches(n_batches=2)
+expected = MIRProbe(batches).run(model)
+deepspeed.init_distributed(dist_backend="gloo")
+config = {{"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
+          "zero_optimization": {{"stage": 3, "stage3_param_persistence_threshold": 0}}}}
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), config=config)
+result = MIRProbe(batches).run(engine)  # hooks on the engine's real layers, forwards through the engine
+assert result.error is None, result.error
+assert torch.allclose(result.per_layer_fd, expected.per_layer_fd, rtol=1e-9, atol=0), (result, expected)
+print("DEEPSPEED-OK", result.mir)
+"""
+
+
+@pytest.mark.skipif(os.environ.get("MIR_TEST_DEEPSPEED") != "1",
+                    reason="builds DeepSpeed's CPU communication extension on first use (minutes); MIR_TEST_DEEPSPEED=1")
+def test_deepspeed_zero3_engine(tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    script = _DEEPSPEED_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert "DEEPSPEED-OK" in done.stdout, done.stdout[-2000:] + done.stderr[-4000:]
