@@ -448,8 +448,8 @@ def evaluate_checkpoint(
             reads them: a ``save_pretrained`` folder, ``model_dir`` itself included, a
             ``.safetensors`` file, or a ``torch.save`` / Lightning checkpoint); MoCa is attached
             to the loaded model before measuring, so MIR sees the calibrated hidden states.
-            ``None``: no MoCa; a warning says so when ``model_dir`` holds MoCa parameters
-            (``from_pretrained`` drops them).
+            ``None``: no MoCa; a warning says so when the safetensors weights in ``model_dir``
+            hold MoCa parameters (``from_pretrained`` drops them).
 
     Warnings (data skipped, few samples, the metric's) are issued on rank 0 only. Under
     ``torchrun`` every rank must call it; all return the same result.
@@ -576,12 +576,15 @@ def attach_moca(model: torch.nn.Module, path: str | os.PathLike) -> Any:
 
 
 def _holds_moca(model_dir: str | os.PathLike) -> bool:
-    """True when the checkpoint files in ``model_dir`` hold MoCa parameters."""
+    """True when the safetensors weights in ``model_dir`` hold MoCa parameters (only their key
+    lists are read; a ``pytorch_model.bin`` is not loaded a second time just to look)."""
     from mir_lightning.moca import load_moca_state
 
+    if not any((Path(model_dir) / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        return False
     try:
         load_moca_state(model_dir)
-    except Exception:  # noqa: BLE001 - no weights file, no MoCa keys, unreadable: nothing to say
+    except Exception:  # noqa: BLE001 - no MoCa keys, unreadable: nothing to say
         return False
     return True
 
