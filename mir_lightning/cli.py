@@ -6,7 +6,7 @@ and write ``--out`` (JSON) and ``--plot`` (:func:`mir_lightning.plotting.per_lay
 
 User errors (bad paths, empty text files, too few samples, a missing output folder, a
 CUDA device that does not exist, a model without image token or of an unsupported
-architecture) print one ``error:`` line and exit with code 2.
+architecture, ``--moca`` weights that are missing or do not fit the model) print one ``error:`` line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -119,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
         "histogram interpolates it); raise it above the token count for an exact result (4 x hidden size "
         "bytes per token and layer)",
     )
+    ev.add_argument(
+        "--moca", metavar="PATH", default=None,
+        help="measure a model trained with MoCa (the paper's vision-token calibration): attach MoCa and load "
+        "its scale/shift from PATH, a save_pretrained folder (MODEL_DIR itself when MoCa was saved with the "
+        "model), a .safetensors file or a torch/Lightning checkpoint holding <prefix>moca.scale and "
+        "<prefix>moca.shift. Default: no MoCa, also when MODEL_DIR holds MoCa parameters (loading the model "
+        "drops them): then a warning says so and suggests --moca MODEL_DIR",
+    )
     ev.add_argument("--out", help="write the result as JSON to this path (its folder must exist)")
     ev.add_argument("--plot", help="write a per-layer plot (PNG) to this path (its folder must exist; needs matplotlib)")
     ev.add_argument("--no-progress", action="store_true", help="disable the progress bar")
@@ -170,6 +178,8 @@ def report(result: EvaluationResult, out: str | None, plot: str | None) -> None:
         f"{result.settings['sqrt_mode']}, text tokens: {result.settings['text_tokens']}, "
         f"device: {result.device} x {result.world_size}, {result.seconds:.1f} s"
     )
+    if result.settings.get("moca"):
+        print(f"MoCa: attached, scale/shift from {result.settings['moca']}")
     if result.skipped_images:
         print(f"skipped images: {len(result.skipped_images)}")
     print(format_table(result.layers, result.per_layer))
@@ -237,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 batch_size=args.batch_size, device=args.device, dtype=args.dtype, sqrt_mode=args.sqrt_mode,
                 layers=args.layers, text_tokens=args.text_tokens, outlier_sigma=args.outlier_sigma,
                 max_outliers=args.max_outliers, median_buffer=args.median_buffer, progress=not args.no_progress,
+                moca=args.moca,
             )
         if _rank() == 0:
             report(result, args.out, args.plot)

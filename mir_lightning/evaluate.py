@@ -35,7 +35,8 @@ from mir_lightning.probe import MIRProbe
 from mir_lightning.probe_data import InputError, ProbeSet, probe_set
 
 __all__ = [
-    "COUNT_KEYS", "DTYPES", "EvaluationResult", "InputError", "ProbeBatches", "evaluate_checkpoint", "parse_layers",
+    "COUNT_KEYS", "DTYPES", "EvaluationResult", "InputError", "ProbeBatches", "attach_moca", "evaluate_checkpoint",
+    "parse_layers",
     "resolve_device",
 ]
 
@@ -426,6 +427,7 @@ def evaluate_checkpoint(
     max_outliers: int = 512,
     median_buffer: int = 512,
     progress: bool = True,
+    moca: str | os.PathLike | None = None,
 ) -> EvaluationResult:
     """Compute the MIR of the checkpoint in ``model_dir`` on ``num_samples`` image+text samples.
 
@@ -442,6 +444,12 @@ def evaluate_checkpoint(
         text_tokens: ``after_image`` (text after the first image token, the official
             convention) or ``all`` non-image tokens.
         progress: show a progress bar (rank 0).
+        moca: MoCa parameters of a model trained with MoCa (:func:`~mir_lightning.moca.load_moca_state`
+            reads them: a ``save_pretrained`` folder, ``model_dir`` itself included, a
+            ``.safetensors`` file, or a ``torch.save`` / Lightning checkpoint); MoCa is attached
+            to the loaded model before measuring, so MIR sees the calibrated hidden states.
+            ``None``: no MoCa; a warning says so when the safetensors weights in ``model_dir``
+            hold MoCa parameters (``from_pretrained`` drops them).
 
     Warnings (data skipped, few samples, the metric's) are issued on rank 0 only. Under
     ``torchrun`` every rank must call it; all return the same result.
@@ -454,7 +462,7 @@ def evaluate_checkpoint(
     settings = dict(
         model_dir=str(model_dir), num_samples=num_samples, batch_size=batch_size, dtype=dtype,
         sqrt_mode=sqrt_mode, layers=layers or "all", text_tokens=text_tokens, outlier_sigma=outlier_sigma,
-        max_outliers=max_outliers, median_buffer=median_buffer,
+        max_outliers=max_outliers, median_buffer=median_buffer, moca=None if moca is None else str(moca),
     )
     start = time.perf_counter()
     _check_model_dir(model_dir)
@@ -483,6 +491,15 @@ def evaluate_checkpoint(
                 "num_hidden_layers / hidden_size"
             ) from exc
         chosen = parse_layers(layers, num_layers)
+        if moca is not None:
+            attach_moca(model, moca)
+        elif _holds_moca(model_dir):
+            warnings.warn(
+                f"{model_dir} holds MoCa parameters (moca.scale / moca.shift) that loading the model drops: "
+                f"this measures the model WITHOUT MoCa; to measure the calibrated model it was trained "
+                f"as, pass --moca {model_dir} (evaluate_checkpoint(..., moca=MODEL_DIR) in Python)",
+                stacklevel=2,
+            )
         loader = ProbeBatches(samples, processor, batch_size, torch_dtype, image_token_id)
         probe = MIRProbe(
             tqdm(loader, desc="MIR", unit="batch", disable=rank != 0 or not progress),
@@ -518,6 +535,58 @@ def evaluate_checkpoint(
         skipped_texts=list(samples.skipped_texts),
         settings=settings,
     )
+
+
+def attach_moca(model: torch.nn.Module, path: str | os.PathLike) -> Any:
+    """Attach :class:`~mir_lightning.moca.MoCa` to ``model`` and load its parameters from ``path``.
+
+    Returns:
+        The attached MoCa (``model.moca``).
+
+    Raises:
+        InputError: ``path`` is missing or unreadable, holds no MoCa parameters, or holds
+            parameters of another shape than the model's ``[num_layers, hidden_size]``; MoCa
+            cannot be attached to the model.
+    """
+    from mir_lightning.moca import MoCa, load_moca_state
+
+    try:
+        state = load_moca_state(path)
+    except FileNotFoundError as exc:
+        raise InputError(f"--moca {path}: no such checkpoint ({exc})") from exc
+    except KeyError as exc:
+        raise InputError(f"--moca {path} holds no MoCa weights: {exc.args[0] if exc.args else exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - corrupt or foreign files
+        raise InputError(f"--moca {path}: cannot read MoCa weights ({type(exc).__name__}: {exc})") from exc
+    try:
+        calibration = MoCa.attach(model)
+    except (ValueError, RuntimeError) as exc:
+        raise InputError(f"--moca: cannot attach MoCa to {type(model).__name__}: {exc}") from exc
+    expected = (calibration.num_layers, calibration.hidden_size)
+    found = {name: tuple(value.shape) for name, value in state.items()}
+    if any(shape != expected for shape in found.values()):
+        calibration.remove()
+        raise InputError(
+            f"--moca {path}: MoCa weights of shape {found['scale']} (scale) / {found['shift']} (shift) do not fit "
+            f"this model's {expected[0]} decoder layers of width {expected[1]}, i.e. [{expected[0]}, {expected[1]}]; "
+            "they belong to another model"
+        )
+    calibration.load_state_dict(state)
+    return calibration
+
+
+def _holds_moca(model_dir: str | os.PathLike) -> bool:
+    """True when the safetensors weights in ``model_dir`` hold MoCa parameters (only their key
+    lists are read; a ``pytorch_model.bin`` is not loaded a second time just to look)."""
+    from mir_lightning.moca import load_moca_state
+
+    if not any((Path(model_dir) / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        return False
+    try:
+        load_moca_state(model_dir)
+    except Exception:  # noqa: BLE001 - no MoCa keys, unreadable: nothing to say
+        return False
+    return True
 
 
 def _raise_failure(error: str | None) -> None:

@@ -630,3 +630,16 @@ def test_ranks_run_equal_forward_counts_with_a_padding_batch(model_dirs, data_di
         assert (r["counts"]["vision_tokens"], r["counts"]["text_tokens"]) == (n_vision, n_text)  # padding not counted
         assert r["mir"] == pytest.approx(ref_mir, rel=1e-6)
         assert r["per_layer"]["fd"] == pytest.approx(ref_fd, rel=1e-6)
+
+
+def test_moca_option_defaults_to_none_and_documents_the_detection():
+    """``--moca`` is off unless given; its help says what happens to MoCa weights in MODEL_DIR
+    (behaviour tested in tests/test_moca_integration.py)."""
+    from mir_lightning.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["evaluate", "m"]).moca is None
+    assert parser.parse_args(["evaluate", "m", "--moca", "ckpt.safetensors"]).moca == "ckpt.safetensors"
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    text = " ".join(subparsers.choices["evaluate"].format_help().split())
+    assert "--moca PATH" in text and "suggests --moca MODEL_DIR" in text
