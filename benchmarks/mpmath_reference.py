@@ -263,6 +263,16 @@ def run_test_cases() -> list[dict]:
     return out
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--test-cases", action="store_true", help="also measure the token sets of tests/test_metric.py")
@@ -276,7 +286,7 @@ def main() -> None:
         commit = ""
     result = {
         "command": "python benchmarks/mpmath_reference.py" + (" --test-cases" if args.test_cases else ""),
-        "mpmath_dps": DPS, "commit": commit, "machine": platform.processor() or platform.machine(),
+        "mpmath_dps": DPS, "commit": commit, "machine": cpu_name(),
         "versions": {"numpy": np.__version__, "scipy": scipy.__version__, "torch": torch.__version__,
                      "mpmath": mpmath.__version__},
         "cases": run_cases(),
