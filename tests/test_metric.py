@@ -332,19 +332,21 @@ def test_float32_state_is_close():
     ref_mir, ref_fd, _ = reference_from_hidden(hidden, vision, text, None)
     metric = ModalityIntegrationRate(hidden.shape[0], hidden.shape[-1], outlier_sigma=None, state_dtype=torch.float32)
     feed(metric, hidden, vision, text)
-    # measured (float32 co-moments): FD sum 3.0e-7, per layer 1.4e-6 with this feed; 1.8e-6 and
-    # 4.3e-6 fed in 64-row chunks (benchmarks/mpmath_reference.json). 10x the worse of them; a
-    # biased covariance would move this case by 8.8e-3, per-modality scaling by 0.36.
+    # float32 rounding depends on the feed and on MKL's code path: measured over llm_like_hidden
+    # seeds 0-2 and 12, two feeds each, default / MKL_CBWR=COMPATIBLE / AVX2 kernels: FD sum
+    # <= 2.2e-6, per layer <= 4.3e-6. 10x that; a biased covariance would move this case by
+    # 8.8e-3, per-modality scaling by 0.36.
     assert_matches(metric, ref_fd, ref_mir, 5e-5)
-    assert rel(float(metric.per_layer_fd().sum()), ref_fd.sum()) < 2e-5
+    assert rel(float(metric.per_layer_fd().sum()), ref_fd.sum()) < 3e-5
     # With the outlier rule on and attention-sink rows (norm 150x the median) the float32 state
-    # is much worse: measured 3.4e-5 on the FD sum and 2.7e-4 per layer (removing the sink rows
-    # from float32 co-moments cancels catastrophically); recorded here as the bound it meets.
+    # is far worse: over the same runs FD sum <= 1.1e-3, per layer <= 2.9e-3 (taking the sink
+    # rows out of float32 co-moments cancels catastrophically). Only that measured bound (10x)
+    # is asserted here; it still fails on per-modality scaling (~1 on this case).
     ref_mir, ref_fd, _ = reference_from_hidden(hidden, vision, text, 3.0)
     metric = ModalityIntegrationRate(hidden.shape[0], hidden.shape[-1], state_dtype=torch.float32)
     feed(metric, hidden, vision, text)
-    assert_matches(metric, ref_fd, ref_mir, 3e-3)
-    assert rel(float(metric.per_layer_fd().sum()), ref_fd.sum()) < 3e-4
+    assert_matches(metric, ref_fd, ref_mir, 3e-2)
+    assert rel(float(metric.per_layer_fd().sum()), ref_fd.sum()) < 1e-2
 
 
 def test_per_modality_normalisation_variant():
