@@ -22,6 +22,11 @@ from reference import (  # noqa: E402,F401
     reference_layer,
     reference_mir,
     sqrt_sym,
+    token_hash,
 )
 from reference import stream_layer as feed  # noqa: E402,F401
 from reference import stream_layer  # noqa: E402,F401
+
+__all__ = ["bures_fd", "bures_terms", "exact_tokens", "feed", "layer_stats", "llm_like_hidden", "mean_cov",
+           "outlier_rule", "reference_layer", "reference_mir", "sqrt_sym", "stream_layer",
+           "token_hash"]

@@ -25,7 +25,6 @@ writes ``benchmarks/mpmath_reference.json``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import subprocess
@@ -42,7 +41,14 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _reference import exact_tokens, llm_like_hidden, reference_layer  # noqa: E402
+from _reference import (  # noqa: E402
+    exact_tokens,
+    layer_stats,
+    llm_like_hidden,
+    reference_layer,
+    stream_layer,
+    token_hash,
+)
 
 from mir_lightning import ModalityIntegrationRate  # noqa: E402
 
@@ -55,14 +61,6 @@ CASES = (
     ("ill_conditioned", 0, 256, 400, 48),
     ("fewer_vision_rows_than_dims", 1, 40, 300, 64),
 )
-
-
-def token_hash(vision: np.ndarray, text: np.ndarray) -> str:
-    """sha256 of the float64 bytes of both token matrices (C order, little endian)."""
-    h = hashlib.sha256()
-    for x in (vision, text):
-        h.update(np.ascontiguousarray(x, dtype="<f8").tobytes())
-    return h.hexdigest()
 
 
 class ExactRows:
@@ -170,16 +168,12 @@ def sqrtm_route_fd(vision: np.ndarray, text: np.ndarray, sigma: float | None) ->
 
 
 def _stats(vision, text, sigma):
-    from _reference import layer_stats
-
     st = layer_stats(vision, text, torch.float64, sigma=sigma)
     return [st[k].numpy() for k in ("mu_v", "S_v", "mu_t", "S_t")]
 
 
 def package_fds(vision_layers, text_layers, sigma, **kwargs) -> list[float]:
     """Per-layer FD of ``ModalityIntegrationRate`` fed one layer at a time in chunks of 64 rows."""
-    from _reference import stream_layer
-
     metric = ModalityIntegrationRate(len(vision_layers), vision_layers[0].shape[1], outlier_sigma=sigma, **kwargs)
     for k, (v, t) in enumerate(zip(vision_layers, text_layers)):
         stream_layer(metric, k, torch.as_tensor(v), torch.as_tensor(t), chunk=64)

@@ -23,6 +23,7 @@ catch them.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Literal, Sequence
 
@@ -217,6 +218,14 @@ def exact_tokens(seed: int, n_vision: int, n_text: int, dim: int, massive: int =
         rows = torch.randperm(x.shape[0], generator=g)[:massive]
         x[rows, :3] += 2.0**17
     return vision.numpy(), text.numpy()
+
+
+def token_hash(vision: np.ndarray, text: np.ndarray) -> str:
+    """sha256 of the float64 bytes of both token matrices (C order, little endian)."""
+    h = hashlib.sha256()
+    for x in (vision, text):
+        h.update(np.ascontiguousarray(x, dtype="<f8").tobytes())
+    return h.hexdigest()
 
 
 def llm_like_hidden(layers=3, batch=8, seq=96, dim=48, seed=0, offset=100.0, massive=(5, 40), n_vision=32,

@@ -9,7 +9,6 @@ own error is measured on every machine that runs the tests.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from reference import (
     outlier_rule,
     reference_layer,
     stream_layer,
+    token_hash,
 )
 
 RECORD = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "mpmath_reference.json").read_text())
@@ -40,13 +40,6 @@ REFERENCE_FD_RTOL = 1e-11
 REFERENCE_TERM_RTOL = {"mean_term": 1e-14, "trace_vision": 1e-14, "trace_text": 1e-14, "cross_term": 1e-8}
 # The package on the same cases: measured <= 5.9e-13 (test_metric.EXACT_RTOL).
 PACKAGE_FD_RTOL = 1e-10
-
-
-def token_hash(vision: np.ndarray, text: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for x in (vision, text):
-        h.update(np.ascontiguousarray(x, dtype="<f8").tobytes())
-    return h.hexdigest()
 
 
 def rel(value: float, exact: str) -> float:
