@@ -8,6 +8,8 @@ Public API:
 * :class:`MIRCallback` -- Lightning callback (validation runs or every N training steps).
 * :class:`MIREarlyStopping` -- stop Lightning pre-training when MIR has plateaued.
 * :class:`MIRPlateau` -- the plateau rule itself (shared by every adapter).
+* :class:`MoCa` -- the paper's modality calibration, attached to an unmodified HF VLM.
+* :mod:`mir_lightning.integrations.hf_trainer` -- ``MIRTrainerCallback`` for the HF Trainer.
 * :func:`build_masks`, :func:`find_hidden_state_modules` -- vision/text masks from input
   ids, and the LLM's per-layer modules of a Hugging Face model.
 * :mod:`mir_lightning.functional` -- pure functions (``frechet_distance``,
@@ -34,6 +36,7 @@ _LAZY = {
     "MIREarlyStopping": "mir_lightning.early_stopping",
     "MIRProbe": "mir_lightning.probe",
     "MIRResult": "mir_lightning.probe",
+    "MoCa": "mir_lightning.moca",
     "build_masks": "mir_lightning.integrations.transformers",
     "find_hidden_state_modules": "mir_lightning.integrations.transformers",
 }
