@@ -107,3 +107,25 @@ class ValidationHistory(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = [dict(r) for r in state_dict.get("rows", [])]
+
+
+class StepTimer(L.Callback):
+    """Wall seconds of every training step and of every validation run (the MIR of every
+    ``MIRCallback`` included: they finish before ``on_validation_end``)."""
+
+    def __init__(self) -> None:
+        self.train_s: list[float] = []
+        self.validation_s: list[float] = []
+        self._t0 = self._v0 = 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.train_s.append(time.perf_counter() - self._t0)
+
+    def on_validation_epoch_start(self, *args: Any) -> None:
+        self._v0 = time.perf_counter()
+
+    def on_validation_end(self, *args: Any) -> None:
+        self.validation_s.append(time.perf_counter() - self._v0)
