@@ -1,8 +1,7 @@
-"""``MIRCallback``: MIR of the LLM's hidden states at every validation run, for Lightning."""
+"""``MIRCallback``: MIR of the LLM's hidden states in Lightning, at validation runs or every N training steps."""
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
@@ -11,33 +10,35 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
-from mir_lightning.capture import LayerCapture, infer_hidden_size, masks_in_batch, select_layers
-from mir_lightning.metric import ModalityIntegrationRate
-
-LayersArg = Sequence[nn.Module] | Callable[["pl.LightningModule"], Sequence[nn.Module]] | None
-
-
-def _candidate_models(pl_module: nn.Module) -> Iterable[nn.Module]:
-    yield pl_module
-    for module in pl_module.modules():
-        if module is not pl_module and hasattr(module, "config"):
-            yield module
+from mir_lightning.capture import LayersArg
+from mir_lightning.probe import Measurement, MIRProbe, MIRResult
 
 
 class MIRCallback(Callback):
-    """Compute the Modality Integration Rate during validation and log it.
+    """Compute the Modality Integration Rate during training and log it.
 
-    During each validation run (never the sanity check, never training forwards) forward
-    hooks on the LLM's layers feed a :class:`ModalityIntegrationRate` layer by layer, so no
-    run ever holds all hidden states. At the end of the run MIR is computed (merged across
-    ranks) and logged through ``pl_module.log`` as ``name`` (default ``"mir"``), with per-layer
-    values as ``{name}/{stat}/layer_{k:02d}``, so every Lightning logger, ``EarlyStopping``
-    and ``ModelCheckpoint`` see them. On TensorBoard it also writes a per-layer figure and a
-    layer x step heatmap of the history (rank zero only). A failure inside the metric is a
-    warning and a NaN value, never a crash.
+    Where it measures:
+
+    * by default, during each validation run (never the sanity check, never training
+      forwards): forward hooks on the LLM's layers feed a :class:`ModalityIntegrationRate`
+      layer by layer, so no run ever holds all hidden states;
+    * with ``probe_dataloader``: on that fixed probe set (the paper's protocol) at the end of
+      each validation run, through :class:`~mir_lightning.MIRProbe`;
+    * with ``probe_dataloader`` and ``every_n_train_steps=N``: on the probe set every N
+      optimizer steps during training, with or without a validation loop (and then not at
+      validation runs).
+
+    Every value is logged once per measurement, at ``trainer.global_step`` (the number of
+    optimizer steps taken; a resumed run continues the same numbering), straight to every
+    Lightning logger: ``name`` (default ``"mir"``) and per-layer values
+    ``{name}/{stat}/layer_{k:02d}`` (k: the model's layer id). The same keys are put in
+    ``trainer.callback_metrics``, where ``EarlyStopping``, ``MIREarlyStopping`` and
+    ``ModelCheckpoint`` read them (``trainer.validate`` does not return them: read
+    ``trainer.callback_metrics`` or :attr:`history`). On TensorBoard it also writes a
+    per-layer figure and a layer x step heatmap of the history (rank zero only). A failure
+    is a warning and a NaN value on every rank, never a crash.
 
     Args:
         layers: the modules whose outputs are the LLM's per-layer hidden states (a list,
@@ -46,10 +47,13 @@ class MIRCallback(Callback):
             (decoder layers, the last replaced by the final norm, i.e. ``hidden_states[1:]``).
         masks: function of the batch returning ``(vision_mask, text_mask)`` bool ``[B, T]``.
             Default: ``batch["vision_mask"]``/``batch["text_mask"]`` when present, else masks
-            built from ``batch["input_ids"]`` and the model's image-token id.
-        probe_dataloader: a fixed probe set to run at the end of every validation run
-            instead of capturing the validation batches (the paper's protocol). Batches
-            are sharded across ranks without repetition.
+            built from ``batch["input_ids"]`` and the model's image-token id (per sample
+            when the batch holds ``position_ids`` or ``cu_seqlens`` of packed rows).
+        probe_dataloader: a fixed probe set measured instead of the validation batches.
+            Under DDP give every rank the same loader: batches are sharded across ranks
+            without repetition, every rank running the same number of forwards.
+        every_n_train_steps: measure the probe set every N optimizer steps during training
+            (needs ``probe_dataloader``); ``None``: at validation runs.
         probe_step: how to run the model on a probe batch: ``probe_step(pl_module, batch)``.
             Default: ``pl_module(batch)``.
         source: ``"hooks"`` (default) or ``"step_output"``: read ``hidden_states`` (a
@@ -65,10 +69,9 @@ class MIRCallback(Callback):
         log_layer_stats: per-layer statistics to log as scalars (keys of
             ``per_layer_stats()``); ``()`` for none.
         log_figures: write matplotlib figures to TensorBoard loggers.
-        hidden_size: width D; inferred from the last hooked module when possible (needed
-            up front under DDP so that ranks without batches can join the merge).
+        hidden_size: width D; inferred when possible.
         metric_kwargs: passed to :class:`ModalityIntegrationRate` (``outlier_sigma``,
-            ``sqrt_mode``, ``state_dtype``, ``max_outliers``...).
+            ``sqrt_mode``, ``state_dtype``, ``max_outliers``...); other names are refused.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class MIRCallback(Callback):
         masks: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
         *,
         probe_dataloader: Iterable | None = None,
+        every_n_train_steps: int | None = None,
         probe_step: Callable[["pl.LightningModule", Any], Any] | None = None,
         source: Literal["hooks", "step_output"] = "hooks",
         layer_indices: Sequence[int] | slice | None = None,
@@ -91,148 +95,58 @@ class MIRCallback(Callback):
         super().__init__()
         if source not in ("hooks", "step_output"):
             raise ValueError(f"source must be 'hooks' or 'step_output', got {source!r}")
-        if text_tokens not in ("after_image", "all"):
-            raise ValueError(f"text_tokens must be 'after_image' or 'all', got {text_tokens!r}")
-        self.layers = layers
-        self.masks = masks
+        if every_n_train_steps is not None:
+            if probe_dataloader is None:
+                raise ValueError("every_n_train_steps needs probe_dataloader= (the batches to measure during training)")
+            if int(every_n_train_steps) < 1:
+                raise ValueError(f"every_n_train_steps must be a positive integer, got {every_n_train_steps}")
+        if probe_dataloader is not None and source != "hooks":
+            raise ValueError("probe_dataloader= measures through hooks: it cannot be combined with source='step_output'")
         self.probe_dataloader = probe_dataloader
+        self.every_n_train_steps = None if every_n_train_steps is None else int(every_n_train_steps)
         self.probe_step = probe_step
         self.source = source
         self.layer_indices = layer_indices
-        self.image_token_id = image_token_id
-        self.text_tokens = text_tokens
         self.name = name
         self.log_layer_stats = tuple(log_layer_stats)
         self.log_figures = log_figures
-        self.hidden_size = hidden_size
-        self.metric_kwargs = metric_kwargs
-        self.metric: ModalityIntegrationRate | None = None
+        options = dict(layers=layers, masks=masks, image_token_id=image_token_id, layer_indices=layer_indices,
+                       text_tokens=text_tokens, hidden_size=hidden_size)
+        self.measurement = Measurement(**options, metric_kwargs=metric_kwargs, owner="MIRCallback")
+        self.probe: MIRProbe | None = None
+        if probe_dataloader is not None:
+            self.probe = MIRProbe(probe_dataloader, step=probe_step or _call_module, **options, **metric_kwargs)
+            self.measurement = self.probe.measurement
         self.history: list[dict[str, Any]] = []
-        self._capture: LayerCapture | None = None
-        self._layer_ids: list[int] = []
-        self._masks: tuple[Tensor, Tensor] | None = None
-        self._failure: str | None = None
         self._running = False
+        self._forwards = 0
 
-    # ------------------------------------------------------------------ set-up
     @property
     def state_key(self) -> str:
         return self._generate_state_key(name=self.name)
 
-    def _prepare(self, pl_module: "pl.LightningModule") -> None:
-        """Find the layers and build the metric (at the first validation run, after
-        ``configure_model``, so lazily built models are seen)."""
-        modules = self._resolve_layers(pl_module)
-        total = len(modules)
-        ids = list(range(total))
-        self._layer_ids = select_layers(ids, self.layer_indices) if self.layer_indices is not None else ids
-        selected = [modules[i] for i in self._layer_ids]
-        self._capture = LayerCapture(selected)
-        if self.hidden_size is None:
-            self.hidden_size = infer_hidden_size(selected)
-        if self.hidden_size is not None:
-            self._new_metric(len(selected), self.hidden_size, pl_module.device)
+    @property
+    def metric(self):  # noqa: ANN201 - ModalityIntegrationRate | None
+        """The metric of the last measurement."""
+        return self.measurement.metric
 
-    def _resolve_layers(self, pl_module: "pl.LightningModule") -> list[nn.Module]:
-        if self.layers is not None:
-            modules = self.layers(pl_module) if callable(self.layers) and not isinstance(self.layers, nn.Module) else self.layers
-            modules = list(modules)
-            if not modules or not all(isinstance(m, nn.Module) for m in modules):
-                raise ValueError("layers= must give a non-empty list of torch.nn.Module")
-            if self.masks is None and self.image_token_id is None:
-                self._auto_image_token(pl_module)
-            return modules
-        from mir_lightning.integrations.transformers import find_hidden_state_modules
-
-        for candidate in _candidate_models(pl_module):
-            try:
-                modules = find_hidden_state_modules(candidate)
-            except (ValueError, TypeError, AttributeError):
-                continue
-            if self.image_token_id is None and self.masks is None:
-                self._auto_image_token(candidate)
-            return list(modules)
-        raise ValueError(
-            f"MIRCallback could not find the LLM's decoder layers in {type(pl_module).__name__}: pass "
-            "layers= (a list of modules, or a function of the LightningModule returning it) and, unless the "
-            "batch holds 'vision_mask'/'text_mask', masks= (a function of the batch returning (vision_mask, text_mask))"
-        )
-
-    def _auto_image_token(self, model: nn.Module) -> None:
-        from mir_lightning.integrations.transformers import find_image_token_id
-
-        for candidate in _candidate_models(model):
-            try:
-                self.image_token_id = find_image_token_id(candidate)
-                return
-            except (ValueError, TypeError, AttributeError):
-                continue
-
-    def _new_metric(self, num_layers: int, hidden_size: int, device: torch.device) -> None:
-        self.metric = ModalityIntegrationRate(num_layers, hidden_size, **self.metric_kwargs).to(device)
-
-    # ------------------------------------------------------------------ capture
-    def _resolve_masks(self, batch: Any) -> tuple[Tensor, Tensor]:
-        if self.masks is not None:
-            vision, text = self.masks(batch)
-            return vision.bool(), text.bool()
-        found = masks_in_batch(batch)
-        if found is not None:
-            return found
-        if isinstance(batch, Mapping) and "input_ids" in batch and self.image_token_id is not None:
-            from mir_lightning.integrations.transformers import build_masks
-
-            return build_masks(batch["input_ids"], self.image_token_id, batch.get("attention_mask"), text=self.text_tokens)
-        raise ValueError(
-            "MIRCallback cannot tell vision from text tokens in this batch: give the batch 'vision_mask' and "
-            "'text_mask' entries, or 'input_ids' with a model whose config has an image token id "
-            "(or pass image_token_id=), or pass masks= (a function of the batch returning (vision_mask, text_mask))"
-        )
-
-    def _sink(self, index: int, hidden: Tensor) -> None:
-        if self._failure is not None or self._masks is None:
-            return
-        try:
-            if self.metric is None:
-                self._new_metric(len(self._capture.modules), hidden.shape[-1], hidden.device)
-            self.metric.update_layer(index, hidden, *self._masks)
-        except Exception as err:  # never kill training: report at the end of the run
-            self._failure = f"{type(err).__name__}: {err}"
-
-    def _skip(self, trainer: "pl.Trainer") -> bool:
-        return trainer.sanity_checking
+    # ------------------------------------------------------------------ validation runs
+    def _measures_validation(self, trainer: "pl.Trainer") -> bool:
+        return not trainer.sanity_checking and self.every_n_train_steps is None
 
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._skip(trainer):
+        if not self._measures_validation(trainer):
             return
-        if self.source == "hooks" and self._capture is None:
-            self._prepare(pl_module)
         self._running = True
-        self._failure = None
-        if self.metric is not None:
-            self.metric.reset()
-        if self._capture is not None:
-            self._capture.attach(self._sink)
+        self._forwards = 0
+        if self.probe is None:
+            self.measurement.begin(pl_module if self.source == "hooks" else None)
 
     def on_validation_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if not self._running or self.probe_dataloader is not None or self._capture is None:
-            return
-        self._begin_batch(batch)
-
-    def _begin_batch(self, batch: Any) -> None:
-        try:
-            self._masks = self._resolve_masks(batch)
-        except Exception as err:
-            self._failure = self._failure or f"{type(err).__name__}: {err}"
-            self._masks = None
-        self._capture.active = self._masks is not None
-
-    def _end_batch(self) -> None:
-        if self._capture is not None:
-            self._capture.active = False
-        self._masks = None
+        if self._running and self.probe is None and self.source == "hooks":
+            self.measurement.start_batch(batch)
 
     def on_validation_batch_end(
         self,
@@ -243,114 +157,77 @@ class MIRCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not self._running:
+        if not self._running or self.probe is not None:
             return
-        self._end_batch()
-        if self.source == "step_output" and self._failure is None:
-            self._update_from_output(outputs, pl_module)
+        self._forwards += 1
+        if self.source == "hooks":
+            self.measurement.end_batch()
+        elif not isinstance(outputs, Mapping) or "hidden_states" not in outputs:
+            self.measurement.fail(
+                "source='step_output' needs validation_step to return a dict with 'hidden_states', 'vision_mask' "
+                "and 'text_mask'"
+            )
+        else:
+            self.measurement.feed(outputs["hidden_states"], outputs["vision_mask"], outputs["text_mask"])
 
-    def _update_from_output(self, outputs: Any, pl_module: "pl.LightningModule") -> None:
-        try:
-            if not isinstance(outputs, Mapping) or "hidden_states" not in outputs:
-                raise ValueError(
-                    "source='step_output' needs validation_step to return a dict with 'hidden_states', "
-                    "'vision_mask' and 'text_mask'"
-                )
-            hidden = outputs["hidden_states"]
-            if self.layer_indices is not None:
-                hidden = select_layers(list(hidden), self.layer_indices)
-            if self.metric is None:
-                self._new_metric(len(hidden), hidden[0].shape[-1], pl_module.device)
-                self._layer_ids = list(range(len(hidden)))
-            self.metric.update(hidden, outputs["vision_mask"].bool(), outputs["text_mask"].bool())
-        except Exception as err:
-            self._failure = f"{type(err).__name__}: {err}"
-
-    def _run_probe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        step = self.probe_step or (lambda module, batch: module(batch))
-        batches = itertools.islice(iter(self.probe_dataloader), trainer.global_rank, None, max(trainer.world_size, 1))
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.no_grad():
-                for batch in batches:
-                    batch = move_data_to_device(batch, pl_module.device)
-                    self._begin_batch(batch)
-                    try:
-                        step(pl_module, batch)
-                    finally:
-                        self._end_batch()
-        finally:
-            pl_module.train(was_training)
-
-    # ------------------------------------------------------------------ results
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self._running:
             return
         self._running = False
-        try:
-            if self.probe_dataloader is not None and self._capture is not None:
-                self._run_probe(trainer, pl_module)
-        except Exception as err:
-            self._failure = self._failure or f"{type(err).__name__}: {err}"
-        finally:
-            if self._capture is not None:
-                self._capture.detach()
-        # agree across ranks before any collective: a rank that failed (or has no metric)
-        # must not leave the others waiting inside compute()'s merge
-        problem = self._failure is not None or self.metric is None
-        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(problem, all=False) and not problem:
-            self._failure = "another rank failed in this validation run"
-        mir, stats = self._compute()
-        step = self._logging_step(trainer)
-        self._log(pl_module, mir, stats)
-        self._record(step, mir, stats)
-        if self.log_figures and trainer.is_global_zero and stats is not None:
-            self._write_figures(trainer, step, stats)
+        if self.probe is not None:
+            result = self._quietly(lambda: self.probe.run(pl_module))
+        else:
+            result = self._quietly(lambda: self.measurement.finish(self._forwards))
+        self._publish(trainer, result)
 
-    def _compute(self) -> tuple[float, dict[str, Tensor] | None]:
-        if self.metric is None:
-            rank_zero_warn(f"MIRCallback: no hidden states were captured in this validation run; {self.name} is NaN")
-            return math.nan, None
-        try:
-            if self._failure is not None:
-                raise RuntimeError(self._failure)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                mir = float(self.metric.compute())
-                stats = self.metric.per_layer_stats()
-            for w in caught:
-                rank_zero_warn(f"MIRCallback: {w.message}")
-            return mir, stats
-        except Exception as err:
-            # every rank reaches this point, so no collective is left half-done here
-            rank_zero_warn(f"MIRCallback: MIR could not be computed ({err}); logging NaN")
-            return math.nan, None
+    # ------------------------------------------------------------------ training steps
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        n, step = self.every_n_train_steps, trainer.global_step
+        if n is None or step == 0 or step % n or step <= self._last_step():
+            return  # (several micro-batches share a step under gradient accumulation)
+        self._publish(trainer, self._quietly(lambda: self.probe.run(pl_module)))
 
-    def _log(self, pl_module: "pl.LightningModule", mir: float, stats: dict[str, Tensor] | None) -> None:
-        values = {self.name: mir}
-        if stats is not None:
-            for key in self.log_layer_stats:
-                for layer_id, value in zip(self._layer_ids, stats[key].tolist()):
-                    values[f"{self.name}/{key}/layer_{layer_id:02d}"] = value
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
-            for key, value in values.items():
-                # identical on every rank already (the metric merged them): no sync needed
-                pl_module.log(key, float(value), on_step=False, on_epoch=True, sync_dist=False, batch_size=1)
+    def _last_step(self) -> int:
+        return self.history[-1]["step"] if self.history else -1
 
+    # ------------------------------------------------------------------ results
     @staticmethod
-    def _logging_step(trainer: "pl.Trainer") -> int:
-        if trainer.state.fn == "fit":
-            return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
-        return int(trainer.global_step)
+    def _quietly(measure: Callable[[], MIRResult]) -> MIRResult:
+        """Run a measurement; its warnings are re-emitted once, on rank zero, as ours."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = measure()
+        for w in caught:
+            rank_zero_warn(f"MIRCallback: {w.message}")
+        return result
 
-    def _record(self, step: int, mir: float, stats: dict[str, Tensor] | None) -> None:
-        # a resumed run re-validating at or before a recorded step replaces those entries
+    def _publish(self, trainer: "pl.Trainer", result: MIRResult) -> None:
+        """Log, record and plot one measurement at ``trainer.global_step``."""
+        step = int(trainer.global_step)
+        if result.error is not None:
+            rank_zero_warn(f"MIRCallback: MIR could not be computed ({result.error}); {self.name} is NaN")
+        values = {self.name: result.mir}
+        if result.error is None:
+            for key in self.log_layer_stats:
+                for layer_id, value in zip(result.layers, result.stats[key].tolist()):
+                    values[f"{self.name}/{key}/layer_{layer_id:02d}"] = value
+        # identical on every rank already (the metric merged them): no sync needed
+        trainer.callback_metrics.update({key: torch.tensor(value, dtype=torch.float64) for key, value in values.items()})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=step)
+        self._record(step, result)
+        if self.log_figures and trainer.is_global_zero and result.error is None:
+            self._write_figures(trainer, step, result.stats)
+
+    def _record(self, step: int, result: MIRResult) -> None:
+        # a resumed run measuring again at or before a recorded step replaces those entries
         self.history = [h for h in self.history if h["step"] < step]
-        entry: dict[str, Any] = {"step": step, "mir": mir, "layers": list(self._layer_ids)}
-        if stats is not None:
-            entry.update({key: value.tolist() for key, value in stats.items()})
+        entry: dict[str, Any] = {"step": step, "mir": result.mir, "layers": list(result.layers)}
+        if result.error is None:
+            entry.update({key: value.tolist() for key, value in result.stats.items()})
         self.history.append(entry)
 
     def _write_figures(self, trainer: "pl.Trainer", step: int, stats: dict[str, Tensor]) -> None:
@@ -382,5 +259,9 @@ class MIRCallback(Callback):
         self.history = [dict(h) for h in state_dict.get("history", [])]
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if self._capture is not None:
-            self._capture.detach()
+        self.measurement.detach()
+
+
+def _call_module(module: nn.Module, batch: Any) -> Any:
+    """Lightning's default probe step: ``pl_module(batch)``."""
+    return module(batch)

@@ -29,15 +29,19 @@ def fit(tmp_path, module, callbacks, max_steps=6, val_every=2, version=0, ckpt_p
     return trainer, batches, os.path.join(str(tmp_path), "tb", f"version_{version}")
 
 
+def capture_hooks(module):
+    """Forward hooks of mir_lightning's LayerCapture left on ``module`` (transformers adds its own)."""
+    return [h for m in module.modules() for h in m._forward_hooks.values() if "LayerCapture" in h.__qualname__]
+
+
 def test_logged_mir_equals_reference_and_sanity_check_logs_nothing(tmp_path):
     module = TinyLlava(lr=0.05)
     cb = MIRCallback()
     trainer, batches, log_dir = fit(tmp_path, module, [cb], max_steps=6, val_every=3)
     scalars = read_scalars(log_dir)
-    # two real validation runs (steps 3 and 6); the sanity check logged nothing
-    # Lightning logs validation metrics at the number of optimizer steps taken before the
-    # validation (2 and 5 here); the callback's figures and history use the same steps
-    assert [s for s, _ in scalars["mir"]] == [2, 5]
+    # two real validation runs, after optimizer steps 3 and 6, logged at trainer.global_step
+    # (3 and 6; Lightning's own validation logging would use 2 and 5); the sanity check logged nothing
+    assert [s for s, _ in scalars["mir"]] == [3, 6]
     assert len(cb.history) == 2
     ref_mir, ref_fd, _ = reference_for(module, batches)  # weights after the last step = weights at step 6
     assert abs(scalars["mir"][-1][1] - ref_mir) < 1e-5  # TensorBoard stores float32
@@ -48,11 +52,10 @@ def test_logged_mir_equals_reference_and_sanity_check_logs_nothing(tmp_path):
         assert math.isclose(scalars[tag][-1][1], ref_fd[k], rel_tol=1e-5)
     assert scalars["mir"][0][1] != scalars["mir"][1][1]  # the model trained in between
     images = read_image_tags(log_dir)
-    assert images["mir/per_layer"] == [2, 5] and images["mir/history"] == [2, 5]
-    assert [h["step"] for h in cb.history] == [2, 5]
+    assert images["mir/per_layer"] == [3, 6] and images["mir/history"] == [3, 6]
+    assert [h["step"] for h in cb.history] == [3, 6]
     # training forwards were never captured: hooks are gone after validation
-    assert not cb._capture._handles
-    assert not any("LayerCapture" in h.__qualname__ for m in cb._capture.modules for h in m._forward_hooks.values())
+    assert not capture_hooks(module)
 
 
 def test_explicit_layers_masks_and_layer_subset(tmp_path):
@@ -90,6 +93,14 @@ def test_probe_dataloader_and_step_output(tmp_path):
     trainer = pl.Trainer(logger=False, callbacks=[cb2], **TRAINER)
     trainer.validate(module2, loader(batches), verbose=False)
     assert abs(float(trainer.callback_metrics["mir"]) - ref_mir) < 1e-6
+    # a layer subset keeps the model's layer ids in the logged keys (was layer_00, layer_01)
+    cb3 = MIRCallback(source="step_output", layer_indices=[0, 2])
+    trainer = pl.Trainer(logger=False, callbacks=[cb3], **TRAINER)
+    trainer.validate(module2, loader(batches), verbose=False)
+    ref_mir, _, _ = reference_for(module2, batches, layers=[0, 2])
+    assert abs(float(trainer.callback_metrics["mir"]) - ref_mir) < 1e-6
+    assert "mir/fd/layer_02" in trainer.callback_metrics and "mir/fd/layer_01" not in trainer.callback_metrics
+    assert cb3.history[-1]["layers"] == [0, 2]
 
 
 def test_failure_is_a_warning_and_nan(tmp_path):
@@ -121,9 +132,9 @@ def test_early_stopping_fires_on_plateau_and_not_before(tmp_path):
     module = TinyLlava(lr=0.0)  # frozen: MIR is the same at every validation
     stopper = MIREarlyStopping(monitor="mir", min_delta=1e-6, patience=2)
     trainer, _, log_dir = fit(tmp_path, module, [MIRCallback(), stopper], max_steps=40, val_every=2)
-    # validations after steps 2, 4, 6 (logged at 1, 3, 5): the third value completes the plateau
+    # validations after steps 2, 4, 6: the third value completes the plateau
     assert trainer.global_step == 6
-    assert [s for s, _ in read_scalars(log_dir)["mir"]] == [1, 3, 5]
+    assert [s for s, _ in read_scalars(log_dir)["mir"]] == [2, 4, 6]
     assert "plateaued" in stopper.stopping_reason_message
 
 
@@ -142,8 +153,8 @@ def test_resume_continues_curves_and_patience(tmp_path):
     trainer, batches, log_dir = fit(tmp_path, TinyLlava(lr=0.05), second, max_steps=8, val_every=2,
                                     enable_checkpointing=True, ckpt_path=str(ckpt_dir / "last.ckpt"))
     steps = [s for s, _ in read_scalars(log_dir)["mir"]]
-    assert steps == [1, 3, 5, 7]  # no gap, no duplicate
-    assert [h["step"] for h in second[0].history] == [1, 3, 5, 7]
+    assert steps == [2, 4, 6, 8]  # no gap, no duplicate, no shift at the resume: trainer.global_step throughout
+    assert [h["step"] for h in second[0].history] == [2, 4, 6, 8]
     assert second[1].wait_count == 3 and len(second[1].recent) == 4  # the count went on
 
 
@@ -177,8 +188,8 @@ def _ddp_fit(tmp):
     cb = MIRCallback()
     trainer = pl.Trainer(strategy="ddp_spawn", accelerator="cpu", devices=2, logger=False, callbacks=[cb],
                          enable_progress_bar=False, enable_model_summary=False)
-    results = trainer.validate(module, loader(make_batches(n_batches=4)), verbose=False)
-    return float(results[0]["mir"])
+    trainer.validate(module, loader(make_batches(n_batches=4)), verbose=False)
+    return float(trainer.callback_metrics["mir"])
 
 
 def _masks_failing_on_rank_one(batch):
@@ -195,8 +206,8 @@ def _ddp_one_rank_fails():
     cb = MIRCallback(masks=_masks_failing_on_rank_one)
     trainer = pl.Trainer(strategy="ddp_spawn", accelerator="cpu", devices=2, logger=False, callbacks=[cb],
                          enable_progress_bar=False, enable_model_summary=False)
-    results = trainer.validate(LazyTinyLlava(), loader(make_batches(n_batches=4)), verbose=False)
-    return float(results[0]["mir"])
+    trainer.validate(LazyTinyLlava(), loader(make_batches(n_batches=4)), verbose=False)
+    return float(trainer.callback_metrics["mir"])
 
 
 def test_ddp_spawn_two_processes_equal_one(tmp_path):

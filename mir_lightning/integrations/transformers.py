@@ -34,7 +34,9 @@ __all__ = [
     "find_image_token_id",
     "build_masks",
     "masks_from_batch",
+    "sample_starts",
     "unwrap_hf_model",
+    "unwrap_module",
     "TEXT_MODES",
 ]
 
@@ -59,6 +61,34 @@ _UNSUPPORTED_HINT = (
 )
 
 
+# Attributes through which training wrappers hold the module they run: FSDP1
+# (``FullyShardedDataParallel``), activation checkpointing (``CheckpointWrapper``),
+# ``torch.compile`` (``OptimizedModule``). DDP and DeepSpeed hold it as ``module``.
+_WRAPPED_ATTRS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+_MODULE_HOLDERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
+
+
+def unwrap_module(module: nn.Module) -> nn.Module:
+    """The module a training wrapper runs: through FSDP1, activation-checkpoint wrappers,
+    ``torch.compile``, DDP and DeepSpeed engines (nested in any order); ``module`` itself when
+    it is none of those. FSDP2 (``fully_shard``) keeps the module object, so nothing to unwrap.
+    """
+    for _ in range(16):
+        inner = None
+        for attr in _WRAPPED_ATTRS:
+            candidate = module.__dict__.get("_modules", {}).get(attr)
+            if isinstance(candidate, nn.Module):
+                inner = candidate
+                break
+        if inner is None and type(module).__name__ in _MODULE_HOLDERS:
+            candidate = module.__dict__.get("_modules", {}).get("module")
+            inner = candidate if isinstance(candidate, nn.Module) else None
+        if inner is None:
+            return module
+        module = inner
+    return module
+
+
 def _is_hf_model(module: Any) -> bool:
     """True for a ``transformers.PreTrainedModel`` (checked without importing transformers)."""
     return any(c.__name__ == "PreTrainedModel" for c in type(module).__mro__) and hasattr(module, "config")
@@ -71,15 +101,20 @@ def unwrap_hf_model(model: nn.Module) -> nn.Module:
     model, a plain ``nn.Module``) that holds exactly one outermost ``PreTrainedModel``;
     when several are held, the one whose config names an image token is preferred.
 
+    Training wrappers around it (DDP, DeepSpeed, FSDP1/FSDP2, activation checkpointing,
+    ``torch.compile``, peft) are seen through.
+
     Raises:
         ValueError: when no (or an ambiguous set of) Hugging Face model is found.
     """
+    model = unwrap_module(model)
     if _is_hf_model(model):
         return model
     outer: list[tuple[str, nn.Module]] = []
     for name, mod in model.named_modules():
         if not name or not _is_hf_model(mod):
             continue
+        mod = unwrap_module(mod)
         if any(name.startswith(prev + ".") for prev, _ in outer):
             continue
         outer.append((name, mod))
@@ -189,6 +224,10 @@ def find_final_norm(model: nn.Module) -> nn.Module | None:
 def find_hidden_state_modules(model: nn.Module) -> list[nn.Module]:
     """Return K modules whose forward outputs equal ``outputs.hidden_states[1:]``.
 
+    Through training wrappers: the modules returned are the real decoder layers (and norm),
+    not their FSDP1 / activation-checkpoint / compile wrappers, so forward hooks on them see
+    the layer's output however the model is wrapped.
+
     That is ``decoder_layers[:-1] + [final_norm]``: Hugging Face replaces the output of
     the last decoder layer by the final-norm output in ``hidden_states`` (the official
     MIR code keeps that). A decoder layer's output may be a tensor ``[B, T, D]`` or a
@@ -205,8 +244,8 @@ def find_hidden_state_modules(model: nn.Module) -> list[nn.Module]:
     stack = _find_decoder_stack(unwrap_hf_model(model))
     tie_last = getattr(getattr(stack, "config", None), "tie_last_hidden_states", None)
     if norm is None or tie_last is False:
-        return list(layers)
-    return [*list(layers)[:-1], norm]
+        return [unwrap_module(layer) for layer in layers]
+    return [*(unwrap_module(layer) for layer in list(layers)[:-1]), unwrap_module(norm)]
 
 
 def _image_token_from_config(config: Any) -> int | None:
@@ -278,11 +317,58 @@ def find_image_token_id(model_or_config: Any) -> int:
     )
 
 
+def sample_starts(
+    shape: tuple[int, int],
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor | None:
+    """Where packed samples begin: bool ``[B, T]``, True at the first token of each sample.
+
+    Args:
+        shape: ``(B, T)`` of the batch.
+        position_ids: ``[B, T]`` (or multimodal rotary ids ``[R, B, T]``, whose first row is
+            read): a sample begins where the position does not grow (``p[t] <= p[t-1]``,
+            e.g. a reset to 0), as in rows packed by ``DataCollatorWithFlattening``.
+        cu_seqlens: ``[S + 1]`` cumulative sample lengths over the row-major flattened batch
+            (flash-attention's varlen layout): samples begin at ``cu_seqlens[:-1]``.
+
+    Returns:
+        the start mask (every row's first token is a start), or ``None`` when neither is given.
+    """
+    batch, length = shape
+    if position_ids is None and cu_seqlens is None:
+        return None
+    starts = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    starts[:, 0] = True
+    if position_ids is not None:
+        pos = position_ids.to(device)
+        if pos.dim() == 3:
+            pos = pos[0]
+        if tuple(pos.shape) != (batch, length):
+            raise ValueError(f"position_ids must be [B, T] = {(batch, length)} (or [R, B, T]), got {tuple(position_ids.shape)}")
+        starts[:, 1:] |= pos[:, 1:] <= pos[:, :-1]
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.to(device=device, dtype=torch.long).flatten()
+        if bounds.numel() < 1 or int(bounds[-1]) > batch * length or bool((bounds[1:] < bounds[:-1]).any()):
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing offsets within the {batch * length} flattened tokens, got {bounds.tolist()}"
+            )
+        flat = starts.flatten()
+        inside = bounds[:-1][bounds[:-1] < batch * length]
+        flat[inside] = True
+        starts = flat.view(batch, length)
+    return starts
+
+
 def build_masks(
     input_ids: torch.Tensor,
     image_token_id: int,
     attention_mask: torch.Tensor | None = None,
     text: str = "after_image",
+    *,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vision and text token masks from token ids.
 
@@ -292,8 +378,11 @@ def build_masks(
         attention_mask: optional ``[B, T]`` (bool or 0/1 integers); 0 marks padding, which is
             never in either mask. Left and right padding both work.
         text: ``"after_image"`` (the official convention): the attended non-image tokens
-            after the first image token of their row (a row without an image token has no
-            text tokens); ``"all"``: every attended non-image token.
+            after the first image token of their sample (a sample without an image token has
+            no text tokens); ``"all"``: every attended non-image token.
+        position_ids, cu_seqlens: sample boundaries of packed rows (several samples in one
+            row), see :func:`sample_starts`; the "after_image" rule then applies per sample.
+            Without them each row is one sample.
 
     Returns:
         ``(vision_mask, text_mask)``, two bool tensors ``[B, T]`` on ``input_ids.device``.
@@ -315,15 +404,21 @@ def build_masks(
     vision = is_image & attended
     text_mask = attended & ~is_image
     if text == "after_image":
-        seen_image = torch.cumsum(vision.to(torch.int32), dim=1) > 0
-        text_mask = text_mask & seen_image
+        images_so_far = torch.cumsum(vision.to(torch.int64), dim=1)  # image tokens up to t, inclusive
+        starts = sample_starts(tuple(input_ids.shape), position_ids, cu_seqlens, input_ids.device)
+        if starts is not None:
+            # image tokens before the sample that t belongs to: the count before its first token
+            before = torch.where(starts, images_so_far - vision.to(torch.int64), 0)
+            images_so_far = images_so_far - torch.cummax(before, dim=1).values
+        text_mask = text_mask & (images_so_far > 0)
     return vision, text_mask
 
 
 def masks_from_batch(
     batch: Mapping[str, Any], image_token_id: int, text: str = "after_image"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`build_masks` on a dict-like batch with ``input_ids`` and optional ``attention_mask``.
+    """:func:`build_masks` on a dict-like batch with ``input_ids`` and optional ``attention_mask``,
+    ``position_ids`` and ``cu_seqlens`` (sample boundaries of packed rows).
 
     Returns:
         ``(vision_mask, text_mask)``, bool ``[B, T]``.
@@ -334,4 +429,7 @@ def masks_from_batch(
             "'attention_mask'); for other batch layouts pass masks=lambda batch: "
             "(vision_mask, text_mask) to MIRCallback."
         )
-    return build_masks(batch["input_ids"], image_token_id, batch.get("attention_mask"), text=text)
+    return build_masks(
+        batch["input_ids"], image_token_id, batch.get("attention_mask"), text=text,
+        position_ids=batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"),
+    )
