@@ -10,30 +10,40 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from torch import Tensor
 
+from mir_lightning.plateau import MIRPlateau
+
 
 class MIREarlyStopping(EarlyStopping):
     """Early stopping on a plateau of MIR (the paper's sense of saturated pre-training).
 
     ``mode="plateau"`` (default): stop when the last ``patience + 1`` finite values of
     ``monitor`` all lie within ``min_delta`` of each other (``max - min <= min_delta``, in
-    MIR units, i.e. log10 of the FD sum), whichever direction MIR moved before. MIR can
+    MIR units, i.e. log10 of the FD sum), whichever direction MIR moved before: the rule of
+    :class:`~mir_lightning.MIRPlateau`, shared with the Hugging Face Trainer callback. MIR can
     rise while a model is still learning (see the README), so this is not a "no improvement"
     rule. ``mode="min"``: Lightning's classic rule (stop after ``patience`` checks without a
     decrease of at least ``min_delta``).
 
+    In both modes ``stopping_threshold`` stops as soon as MIR falls below it and
+    ``divergence_threshold`` as soon as MIR rises above it (Lightning's meaning for a
+    quantity to minimise), checked before the plateau rule.
+
     Non-finite values (a failed MIR computation is logged as NaN) are ignored unless
-    ``check_finite=True``. State (recent values, patience count) is saved in checkpoints, so
-    ``Trainer.fit(ckpt_path=...)`` continues the count. The decision is reduced across ranks
-    by Lightning (any rank stopping stops all; every rank sees the same MIR anyway). Works
-    with ``val_check_interval`` in steps as well as epochs: it checks after every validation.
+    ``check_finite=True``. State (the last ``patience + 1`` values, the patience count) is
+    saved in checkpoints, so ``Trainer.fit(ckpt_path=...)`` continues the count. The decision
+    is reduced across ranks by Lightning (any rank stopping stops all; every rank sees the
+    same MIR anyway). Works with ``val_check_interval`` in steps as well as epochs: it checks
+    after every validation.
 
     Args:
         monitor: logged key to watch (``MIRCallback``'s ``name``, default ``"mir"``).
-        min_delta: plateau width (plateau mode) or minimal decrease (min mode).
+        min_delta: plateau width (plateau mode) or minimal decrease (min mode), >= 0.
         patience: plateau mode: number of further validations that must stay within the
             band; min mode: checks without improvement.
         mode: ``"plateau"`` or ``"min"``.
-        kwargs: passed to ``EarlyStopping`` (``verbose``, ``strict``, ``check_on_train_epoch_end``...).
+        check_finite: stop on a non-finite value (default False: such values are skipped).
+        kwargs: passed to ``EarlyStopping`` (``verbose``, ``strict``, ``stopping_threshold``,
+            ``divergence_threshold``, ``check_on_train_epoch_end``...).
 
     Example:
         >>> from mir_lightning import MIREarlyStopping
@@ -53,25 +63,44 @@ class MIREarlyStopping(EarlyStopping):
     ) -> None:
         if mode not in ("plateau", "min"):
             raise ValueError(f"mode must be 'plateau' or 'min', got {mode!r}")
-        if patience < 1:
-            raise ValueError(f"patience must be >= 1, got {patience}")
-        if min_delta < 0:
-            raise ValueError(f"min_delta must be >= 0, got {min_delta}")
+        self.rule = MIRPlateau(patience=patience, min_delta=min_delta)  # validates both
         super().__init__(monitor=monitor, min_delta=min_delta, patience=patience, mode="min", check_finite=check_finite, **kwargs)
         self.plateau = mode == "plateau"
-        self.band = float(min_delta)
-        self.recent: list[float] = []
+
+    @property
+    def band(self) -> float:
+        """Width of the plateau band (MIR units)."""
+        return self.rule.min_delta
+
+    @property
+    def recent(self) -> list[float]:
+        """The last values the plateau rule holds (at most ``patience + 1``; empty in min mode)."""
+        return self.rule.recent
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(monitor=self.monitor, mode="plateau" if self.plateau else "min")
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "recent": list(self.recent)}
+        return {**super().state_dict(), "recent": list(self.rule.recent)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.recent = list(state_dict.get("recent", []))
+        # Lightning restores ``patience`` from the checkpoint: the rule follows it; a checkpoint
+        # written before ``recent`` was bounded is cut to the values the rule can use
+        self.rule = MIRPlateau(self.patience, self.band, recent=list(state_dict.get("recent", [])) if self.plateau else [])
+
+    def _threshold_reached(self, value: float) -> Optional[str]:
+        """The stop message when ``value`` crosses ``stopping_threshold`` / ``divergence_threshold``."""
+        if self.stopping_threshold is not None and value < self.stopping_threshold:
+            self.stopping_reason = EarlyStoppingReason.STOPPING_THRESHOLD
+            return (f"Stopping threshold reached: {self.monitor} = {value:.4f} < {self.stopping_threshold}. "
+                    "Signaling Trainer to stop.")
+        if self.divergence_threshold is not None and value > self.divergence_threshold:
+            self.stopping_reason = EarlyStoppingReason.DIVERGENCE_THRESHOLD
+            return (f"Divergence threshold reached: {self.monitor} = {value:.4f} > {self.divergence_threshold}. "
+                    "Signaling Trainer to stop.")
+        return None
 
     def _evaluate_stopping_criteria(self, current: Tensor) -> tuple[bool, Optional[str]]:
         value = float(current)
@@ -80,26 +109,15 @@ class MIREarlyStopping(EarlyStopping):
                 return super()._evaluate_stopping_criteria(current)
             return False, f"{self.monitor} = {value} is not finite; ignored by MIREarlyStopping"
         if not self.plateau:
-            self.recent.append(value)
             return super()._evaluate_stopping_criteria(current)
-        self.recent.append(value)
-        self.recent = self.recent[-(self.patience + 1):]
+        stopped = self.rule.update(value)
         if value < float(self.best_score):
             self.best_score = torch.tensor(value)
-        # patience count: how many values after the first of the trailing run stay in the band
-        run = 1
-        for i in range(len(self.recent) - 2, -1, -1):
-            window = self.recent[i:]
-            if max(window) - min(window) > self.band:
-                break
-            run += 1
-        self.wait_count = run - 1
-        if self.wait_count >= self.patience:
+        self.wait_count = self.rule.wait_count
+        reason = self._threshold_reached(value)
+        if reason is not None:
+            return True, reason
+        if stopped:
             self.stopping_reason = EarlyStoppingReason.PATIENCE_EXHAUSTED
-            spread = max(self.recent) - min(self.recent)
-            values = ", ".join(f"{v:.4f}" for v in self.recent)
-            return True, (
-                f"{self.monitor} has plateaued: the last {len(self.recent)} values ({values}) lie within "
-                f"{spread:.4f} <= min_delta={self.band}. Signaling Trainer to stop."
-            )
-        return False, f"{self.monitor} = {value:.4f}; plateau count {self.wait_count}/{self.patience} (band {self.band})"
+            return True, f"{self.monitor}: {self.rule.describe()}. Signaling Trainer to stop."
+        return False, f"{self.monitor} = {value:.4f}; {self.rule.describe()}"
