@@ -25,6 +25,9 @@ from typing import Any
 
 import torch
 
+if not sys.stderr.isatty():  # output to a file: one line per validation instead of progress bars
+    os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported (transformers' GGUF loading)
+
 EXAMPLES = Path(__file__).resolve().parent
 sys.path.insert(0, str(EXAMPLES))
 if str(EXAMPLES.parent) not in sys.path:  # a source checkout without installing the package
