@@ -26,7 +26,6 @@ import argparse
 import sys
 import tempfile
 import time
-import warnings
 from functools import partial
 from typing import Any, Callable
 
@@ -35,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(C.REPO / "examples"))
 import lvlm  # noqa: E402  (the example's parts and model)
-from lvlm_lightning import LVLMPretrainer  # noqa: E402
+from lvlm_lightning import LVLMPretrainer, quiet_known_noise  # noqa: E402
 
 
 class HookTimer:
@@ -161,9 +160,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     C.setup(a.threads)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
-    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    quiet_known_noise()
     t_start = time.time()
     print(C.machine_info())
     parts = lvlm.load_parts(a.tiny, 160 if a.tiny else 1800, 40 if a.tiny else 100)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 
 import _common as C  # first: sets OMP_WAIT_POLICY before torch loads
 import torch
@@ -36,7 +35,7 @@ from mir_lightning.integrations.transformers import find_hidden_state_modules
 
 sys.path.insert(0, str(C.REPO / "examples"))
 import lvlm  # noqa: E402  (the example's parts and model)
-from lvlm_lightning import LVLMPretrainer  # noqa: E402
+from lvlm_lightning import LVLMPretrainer, quiet_known_noise  # noqa: E402
 
 
 def build(tiny: bool, n_val: int, batch: int):
@@ -63,8 +62,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     C.setup(a.threads)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+    quiet_known_noise()
     t_start = time.time()
     print(C.machine_info())
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,40 +25,13 @@ import torch
 
 EXAMPLES = Path(__file__).resolve().parent
 sys.path.insert(0, str(EXAMPLES))
-if str(EXAMPLES.parent) not in sys.path:  # a source checkout without installing the package
-    sys.path.append(str(EXAMPLES.parent))
 
 import lvlm  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="random tiny parts (smoke test, seconds)")
-    p.add_argument("--max-steps", type=int, default=150, help="optimizer steps")
-    p.add_argument("--probe-every", type=int, default=25, help="run the MIR probe every N steps (and at step 0)")
-    p.add_argument("--batch-size", type=int, default=12, help="training batch size")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the projector")
-    p.add_argument("--n-train", type=int, default=1800, help="training images (tiny parts: at most 160 used)")
-    p.add_argument("--n-probe", type=int, default=100, help="held-out probe images, a multiple of 10")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, the projector and the shuffling")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--log-dir", default="runs/custom_loop", help="TensorBoard folder of this run")
-    a = p.parse_args(argv)
-    if a.tiny:
-        a.n_train, a.n_probe = min(a.n_train, 160), min(a.n_probe, 40)
-    if a.n_probe % 10:
-        p.error("--n-probe must be a multiple of 10 (balanced over digits)")
-    return a
-
-
-@dataclass
-class LoopResult:
-    """Per-probe rows (``step``, ``mir`` and its drivers, the probe's task metrics), the model, the probe loader."""
-
-    rows: list[dict[str, Any]]
-    model: lvlm.LVLM
-    probe_loader: Any
+    parser = lvlm.probe_script_parser(__doc__, "--log-dir", "runs/custom_loop", "TensorBoard folder of this run")
+    return lvlm.parse_probe_script_args(parser, argv)
 
 
 def measure(probe: Any, model: lvlm.LVLM, probe_loader: Any, writer: Any, step: int) -> dict[str, Any]:
@@ -75,7 +47,7 @@ def measure(probe: Any, model: lvlm.LVLM, probe_loader: Any, writer: Any, step: 
     return {"step": step, **vars(scores), **lvlm.mir_drivers(entry), "probe_s": result.seconds}
 
 
-def train(args: argparse.Namespace) -> LoopResult:
+def train(args: argparse.Namespace) -> lvlm.ProbeRun:
     from torch.utils.tensorboard import SummaryWriter
 
     from mir_lightning import MIRProbe
@@ -107,10 +79,10 @@ def train(args: argparse.Namespace) -> LoopResult:
             if step >= args.max_steps:
                 break
     writer.close()
-    return LoopResult(rows=rows, model=model, probe_loader=probe_loader)
+    return lvlm.ProbeRun(rows=rows, model=model, probe_loader=probe_loader)
 
 
-def main(argv: list[str] | None = None) -> LoopResult:
+def main(argv: list[str] | None = None) -> lvlm.ProbeRun:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     result = train(args)

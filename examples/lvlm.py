@@ -27,6 +27,7 @@ read the vision/text masks from the batch.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import inspect
@@ -681,3 +682,44 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str) ->
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------- scripts
+def probe_script_parser(doc: str, out_option: str, out_default: str, out_help: str) -> argparse.ArgumentParser:
+    """Command-line options shared by the examples that probe MIR every N training steps
+    (``custom_loop.py``, ``pretrain_hf_trainer.py``); ``out_option`` names their output folder."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="random tiny parts (smoke test, seconds)")
+    p.add_argument("--max-steps", type=int, default=150, help="optimizer steps")
+    p.add_argument("--probe-every", type=int, default=25, help="run the MIR probe every N optimizer steps")
+    p.add_argument("--batch-size", type=int, default=12, help="training batch size")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the projector (constant)")
+    p.add_argument("--n-train", type=int, default=1800, help="training images (tiny parts: at most 160 used)")
+    p.add_argument("--n-probe", type=int, default=100, help="held-out probe images, a multiple of 10 (tiny: at most 40)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the projector and the shuffling")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument(out_option, default=out_default, help=out_help)
+    return p
+
+
+@dataclass
+class ProbeRun:
+    """What the probe-every-N examples return: one row per probe (``step``, ``mir``...), the trained
+    model, the probe loader, and the trainer's log history where there is one."""
+
+    rows: list[dict[str, Any]]
+    model: LVLM
+    probe_loader: Any
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def parse_probe_script_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, cap the sizes for the tiny parts, check the probe size."""
+    a = parser.parse_args(argv)
+    if a.tiny:
+        a.n_train, a.n_probe = min(a.n_train, 160), min(a.n_probe, 40)
+    if a.n_probe % 10:
+        parser.error("--n-probe must be a multiple of 10 (balanced over digits)")
+    if a.probe_every < 1:
+        parser.error("--probe-every must be >= 1")
+    return a

@@ -8,8 +8,10 @@ the validation after N steps is at N, before and after a resume, and Lightning a
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +131,25 @@ class StepTimer(L.Callback):
 
     def on_validation_end(self, *args: Any) -> None:
         self.validation_s.append(time.perf_counter() - self._v0)
+
+
+class _NoLitLoggerTip(logging.Filter):
+    """Drops Lightning's tip to install litlogger (printed at every Trainer start)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_known_noise() -> None:
+    """Silence what the examples know to be harmless on every Lightning run (process-wide filters)."""
+    # the frozen LLM is kept in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    # Lightning 2.6 on torch >= 2.10: its own _pytree helper uses a deprecated torch class
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+                            category=FutureWarning)
+    # one small in-memory dataset: worker processes would only cost start-up time
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoLitLoggerTip) for f in rank_zero_log.filters):
+        rank_zero_log.addFilter(_NoLitLoggerTip())

@@ -17,52 +17,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 EXAMPLES = Path(__file__).resolve().parent
 sys.path.insert(0, str(EXAMPLES))
-if str(EXAMPLES.parent) not in sys.path:  # a source checkout without installing the package
-    sys.path.append(str(EXAMPLES.parent))
 
 import lvlm  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="random tiny parts (smoke test, seconds)")
-    p.add_argument("--max-steps", type=int, default=150, help="optimizer steps")
-    p.add_argument("--probe-every", type=int, default=25, help="run the MIR probe every N optimizer steps")
-    p.add_argument("--batch-size", type=int, default=12, help="training batch size (per device)")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the projector (constant)")
-    p.add_argument("--n-train", type=int, default=1800, help="training images (tiny parts: at most 160 used)")
-    p.add_argument("--n-probe", type=int, default=100, help="held-out probe images, a multiple of 10")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, the projector and the shuffling")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--output-dir", default="runs/hf_trainer", help="Trainer output_dir (TensorBoard under runs/)")
-    a = p.parse_args(argv)
-    if a.tiny:
-        a.n_train, a.n_probe = min(a.n_train, 160), min(a.n_probe, 40)
-    if a.n_probe % 10:
-        p.error("--n-probe must be a multiple of 10 (balanced over digits)")
-    return a
+    parser = lvlm.probe_script_parser(__doc__, "--output-dir", "runs/hf_trainer", "Trainer output_dir (TensorBoard under runs/)")
+    return lvlm.parse_probe_script_args(parser, argv)
 
 
-@dataclass
-class HFRunResult:
-    """The Trainer's ``mir`` log entries (``step``, ``mir``, per-layer values), the model, the probe loader."""
-
-    rows: list[dict[str, Any]]
-    model: lvlm.LVLM
-    probe_loader: Any
-    log_history: list[dict[str, Any]]
-
-
-def train(args: argparse.Namespace) -> HFRunResult:
+def train(args: argparse.Namespace) -> lvlm.ProbeRun:
     from transformers import Trainer, TrainingArguments
 
     from mir_lightning.integrations.hf_trainer import MIRTrainerCallback
@@ -98,10 +68,10 @@ def train(args: argparse.Namespace) -> HFRunResult:
     )
     trainer.train()
     rows = [dict(entry) for entry in trainer.state.log_history if "mir" in entry]
-    return HFRunResult(rows=rows, model=model, probe_loader=probe_loader, log_history=trainer.state.log_history)
+    return lvlm.ProbeRun(rows=rows, model=model, probe_loader=probe_loader, log_history=trainer.state.log_history)
 
 
-def main(argv: list[str] | None = None) -> HFRunResult:
+def main(argv: list[str] | None = None) -> lvlm.ProbeRun:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     result = train(args)

@@ -13,12 +13,10 @@ random tiny parts in seconds without them.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shlex
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,23 +105,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def quiet_known_noise() -> None:
-    """Silence what this script knows to be harmless on every run."""
-    # the frozen LLM is kept in eval mode on purpose
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-    # Lightning 2.6 on torch >= 2.10: its own _pytree helper uses a deprecated torch class
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
-                            category=FutureWarning)
-    # one small in-memory dataset: worker processes would only cost start-up time
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-
-    class _NoTip(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "litlogger" not in record.getMessage()
-
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTip())
-
-
 @dataclass
 class RunResult:
     """What :func:`main` returns: the per-validation rows, the trained LightningModule, the probe
@@ -151,13 +132,13 @@ def main(argv: list[str] | None = None) -> RunResult:
     args = parse_args(argv)
     t_start = time.time()
     torch.set_num_threads(args.threads)
-    quiet_known_noise()
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from lvlm_lightning import LVLMPretrainer, ValidationHistory
+    from lvlm_lightning import LVLMPretrainer, ValidationHistory, quiet_known_noise
 
+    quiet_known_noise()
     L.seed_everything(args.seed, verbose=False)
     parts = lvlm.load_parts(args.tiny, args.n_train, args.n_val, args.seed, args.cache_dir, args.image_size)
     n_img, dim = parts.train_features.shape[1:]
