@@ -455,7 +455,7 @@ def make_figures(results: dict, out: Path) -> dict:
     paths["norm_ratio"] = out / "norm_ratio_main.png"
     fig.savefig(paths["norm_ratio"], dpi=90)
     plt.close(fig)
-    return {k: str(v) for k, v in paths.items()}
+    return {k: v.name for k, v in paths.items()}  # file names in ``out``
 
 
 # ----------------------------------------------------------------------------- report

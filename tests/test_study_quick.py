@@ -96,7 +96,7 @@ def test_quick_study_end_to_end_without_weight_packages(tmp_path, monkeypatch):
                  "fd_heatmap_main.png", "norm_ratio_main.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for path in results["figures"].values():
-        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     saved = json.loads((out / "results.json").read_text())
     runs = saved["runs"]
