@@ -45,7 +45,7 @@ def test_logged_mir_equals_reference_at_final_weights(tiny_run):
     assert abs(result.rows[0]["mir"] - mir) > 1e-3  # so the final weights differ from the initial ones
 
 
-def test_tensorboard_steps_and_summary(tiny_run, capsys):
+def test_tensorboard_steps_and_summary(tiny_run):
     result, log_dir = tiny_run
     scalars = read_scalars(str(log_dir))
     assert "epoch" not in scalars  # Lightning adds it only when no "step" is logged
