@@ -44,7 +44,7 @@ if str(REPO) not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "examples"))
 import lvlm  # noqa: E402  (the example's parts, data and model)
-from lvlm_lightning import LVLMPretrainer, StepTimer, ValidationHistory  # noqa: E402
+from lvlm_lightning import LVLMPretrainer, StepTimer, ValidationHistory, quiet_known_noise  # noqa: E402
 
 from mir_lightning.plateau import plateau_index  # noqa: E402
 
@@ -179,7 +179,8 @@ def run_one(parts: lvlm.Parts, spec: RunSpec, steps: int, val_every: int, batch_
                         enable_model_summary=False, enable_progress_bar=False)
     t0 = time.time()
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*(eval mode|does not have many workers|LightningModule.log).*")
+        quiet_known_noise()
+        warnings.filterwarnings("ignore", message=r".*LightningModule.log.*")
         if spec.main:
             trainer.validate(module, probe_dl, verbose=False)  # step 0: the untrained projector
         trainer.fit(module, train_dl, probe_dl)
