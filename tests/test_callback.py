@@ -212,6 +212,7 @@ class LazyTinyLlava(TinyLlava):
     def __init__(self):
         pl.LightningModule.__init__(self)
         self.model = None
+        self.lr = 0.0
 
     def configure_model(self):
         if self.model is None:
@@ -226,6 +227,15 @@ def _ddp_fit(tmp):
     trainer = pl.Trainer(strategy="ddp_spawn", accelerator="cpu", devices=2, logger=False, callbacks=[cb],
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(module, loader(make_batches(n_batches=4)), verbose=False)
+    return float(trainer.callback_metrics["mir"])
+
+
+def _ddp_probe_fit(tmp):
+    """Probe of 3 batches on 2 ranks during training (no validation): 2 forwards each, one a padding."""
+    cb = MIRCallback(probe_dataloader=loader(make_batches(n_batches=3, seed=50)), every_n_train_steps=2)
+    trainer = pl.Trainer(strategy="ddp_spawn_find_unused_parameters_true", accelerator="cpu", devices=2, logger=False,
+                         callbacks=[cb], max_steps=2, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(LazyTinyLlava(), loader(make_batches(n_batches=4)))
     return float(trainer.callback_metrics["mir"])
 
 
@@ -255,3 +265,6 @@ def test_ddp_spawn_two_processes_equal_one(tmp_path):
     assert abs(mir - ref_mir) < 1e-5
     # a failure on one rank: every rank logs NaN, nobody hangs in the merge
     assert math.isnan(_ddp_one_rank_fails())
+    # the probe path during training (lr 0: the weights of the reference)
+    ref_mir, _, _ = reference_for(TinyLlava(), make_batches(n_batches=3, seed=50))
+    assert abs(_ddp_probe_fit(tmp_path) - ref_mir) < 1e-9
