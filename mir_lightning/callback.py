@@ -175,7 +175,7 @@ class MIRCallback(Callback):
             return
         self._running = False
         if self.probe is not None:
-            result = self._quietly(lambda: self.probe.run(pl_module))
+            result = self._quietly(lambda: self.probe.run(self._probe_model(trainer, pl_module)))
         else:
             result = self._quietly(lambda: self.measurement.finish(self._forwards))
         self._publish(trainer, result)
@@ -187,7 +187,25 @@ class MIRCallback(Callback):
         n, step = self.every_n_train_steps, trainer.global_step
         if n is None or step == 0 or step % n or step <= self._last_step():
             return  # (several micro-batches share a step under gradient accumulation)
-        self._publish(trainer, self._quietly(lambda: self.probe.run(pl_module)))
+        self._publish(trainer, self._quietly(lambda: self.probe.run(self._probe_model(trainer, pl_module))))
+        from mir_lightning.early_stopping import MIREarlyStopping
+
+        for stopper in trainer.callbacks:  # decide at this step, whichever callback comes first
+            if isinstance(stopper, MIREarlyStopping) and stopper.monitor == self.name:
+                stopper.check_step_measurement(trainer)
+
+    def _probe_model(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> nn.Module:
+        """What the probe's forwards go through: Lightning's root FSDP1 wrapper when the strategy
+        put one around the module (its forward unshards the root's own parameters; calling the
+        LightningModule directly would meet flat shards), else the LightningModule. A custom
+        ``probe_step`` always receives the LightningModule, as documented."""
+        wrapped = getattr(trainer.strategy, "model", None)
+        if self.probe_step is None and wrapped is not pl_module and wrapped is not None:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            if isinstance(wrapped, FullyShardedDataParallel) and wrapped.module is pl_module:
+                return wrapped
+        return pl_module
 
     def _last_step(self) -> int:
         return self.history[-1]["step"] if self.history else -1

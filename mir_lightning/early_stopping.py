@@ -6,6 +6,7 @@ import math
 from typing import Any, Optional
 
 import torch
+import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from torch import Tensor
@@ -33,7 +34,9 @@ class MIREarlyStopping(EarlyStopping):
     saved in checkpoints, so ``Trainer.fit(ckpt_path=...)`` continues the count. The decision
     is reduced across ranks by Lightning (any rank stopping stops all; every rank sees the
     same MIR anyway). Works with ``val_check_interval`` in steps as well as epochs: it checks
-    after every validation.
+    after every validation. When the monitored value comes from an ``MIRCallback`` that
+    measures every N training steps (``every_n_train_steps``), it checks after each of those
+    measurements instead (once per measurement, never again at epoch or validation ends).
 
     Args:
         monitor: logged key to watch (``MIRCallback``'s ``name``, default ``"mir"``).
@@ -66,6 +69,7 @@ class MIREarlyStopping(EarlyStopping):
         self.rule = MIRPlateau(patience=patience, min_delta=min_delta)  # validates both
         super().__init__(monitor=monitor, min_delta=min_delta, patience=patience, mode="min", check_finite=check_finite, **kwargs)
         self.plateau = mode == "plateau"
+        self._checked_step = -1  # global step of the last step-time MIR measurement checked
 
     @property
     def band(self) -> float:
@@ -82,13 +86,46 @@ class MIREarlyStopping(EarlyStopping):
         return self._generate_state_key(monitor=self.monitor, mode="plateau" if self.plateau else "min")
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "recent": list(self.rule.recent)}
+        return {**super().state_dict(), "recent": list(self.rule.recent), "checked_step": self._checked_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         # Lightning restores ``patience`` from the checkpoint: the rule follows it; a checkpoint
         # written before ``recent`` was bounded is cut to the values the rule can use
         self.rule = MIRPlateau(self.patience, self.band, recent=list(state_dict.get("recent", [])) if self.plateau else [])
+        self._checked_step = int(state_dict.get("checked_step", -1))
+
+    # ------------------------------------------------------------------ step-time MIR
+    def _step_measurement(self, trainer: "pl.Trainer") -> int | None:
+        """Global step of the newest measurement of an ``MIRCallback`` logging ``monitor`` every
+        N training steps; None when the monitored value does not come from one."""
+        from mir_lightning.callback import MIRCallback
+
+        sources = [cb for cb in trainer.callbacks
+                   if isinstance(cb, MIRCallback) and cb.name == self.monitor and cb.every_n_train_steps is not None]
+        if not sources:
+            return None
+        return max((cb.history[-1]["step"] for cb in sources if cb.history), default=-1)
+
+    def check_step_measurement(self, trainer: "pl.Trainer") -> None:
+        """Run the stopping check once per new step-time MIR measurement (``MIRCallback`` calls
+        this right after it logs one, so the order of the two callbacks does not matter)."""
+        step = self._step_measurement(trainer)
+        if step is None or step <= self._checked_step:
+            return
+        self._checked_step = step
+        self._run_early_stopping_check(trainer)
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any, **kwargs: Any) -> None:
+        self.check_step_measurement(trainer)
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._step_measurement(trainer) is None:
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._step_measurement(trainer) is None:
+            super().on_validation_end(trainer, pl_module)
 
     def _threshold_reached(self, value: float) -> Optional[str]:
         """The stop message when ``value`` crosses ``stopping_threshold`` / ``divergence_threshold``."""

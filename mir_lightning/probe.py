@@ -148,11 +148,24 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 MASK_KEYS = ("vision_mask", "text_mask")
 
 
+def _named_inputs(model: nn.Module) -> set[str] | None:
+    """Parameter names of ``model.forward`` (None when it takes ``**kwargs`` or has no signature)."""
+    try:
+        parameters = inspect.signature(unwrap_module(model).forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters}
+
+
 def default_step(model: nn.Module, batch: Any) -> Any:
-    """``model(**batch)`` for a mapping batch (without its ``vision_mask`` / ``text_mask``
-    entries, which are the probe's, not the model's), else ``model(batch)``."""
+    """``model(**batch)`` for a mapping batch, else ``model(batch)``. The batch's
+    ``vision_mask`` / ``text_mask`` entries are the probe's: they are passed on only to a
+    ``forward`` that names them as parameters."""
     if isinstance(batch, Mapping):
-        return model(**{key: value for key, value in batch.items() if key not in MASK_KEYS})
+        named = _named_inputs(model) or set()
+        return model(**{key: value for key, value in batch.items() if key not in MASK_KEYS or key in named})
     return model(batch)
 
 

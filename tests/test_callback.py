@@ -175,6 +175,20 @@ def test_early_stopping_fires_on_plateau_and_not_before(tmp_path):
     assert "plateaued" in stopper.stopping_reason_message
 
 
+def test_early_stopping_follows_step_time_mir(tmp_path):
+    """With every_n_train_steps (no validation loop) the plateau rule is checked after each
+    probe, once: a frozen model's MIR is flat, so patience 2 stops at the third probe (step 6),
+    not at the epoch's end (step 20) and not after counting one value twice."""
+    module = TinyLlava(lr=0.0)
+    stopper = MIREarlyStopping(monitor="mir", min_delta=1e-6, patience=2)
+    probe = MIRCallback(probe_dataloader=loader(make_batches(n_batches=2, seed=7)), every_n_train_steps=2)
+    trainer = pl.Trainer(callbacks=[stopper, probe], logger=False, max_steps=40, enable_checkpointing=False, **TRAINER)
+    trainer.fit(module, loader(make_batches(n_batches=20)))
+    assert trainer.global_step == 6
+    assert [h["step"] for h in probe.history] == [2, 4, 6]
+    assert len(stopper.recent) == 3 and "plateaued" in stopper.stopping_reason_message
+
+
 def test_resume_continues_curves_and_patience(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
 

@@ -148,12 +148,10 @@ def lightning_run(tmp_path_factory):
 
 @pytest.mark.parametrize("strategy", [
     "model_parallel",
-    # MIRCallback's probe calls pl_module(batch) directly, bypassing the strategy's root FSDP1
-    # wrapper: the root unit's parameters (embeddings) stay flat shards and the forward fails
-    # ("'weight' must be 2-D"), so MIR is NaN. FSDP2 and ZeRO-3 gather per module and pass.
-    # Strict: passes (and must lose this mark) once the probe forwards through
-    # trainer.strategy.model.
-    pytest.param("fsdp", marks=pytest.mark.xfail(strict=True, reason="probe bypasses the root FSDP1 wrapper")),
+    # FSDP1: calling pl_module(batch) directly would bypass the strategy's root FSDP1 wrapper
+    # (the root unit's parameters stay flat shards: "'weight' must be 2-D", MIR NaN); the
+    # default probe step forwards through it. FSDP2 and ZeRO-3 gather per module.
+    "fsdp",
     "fsdp_through_wrapper",  # the workaround: probe_step=lambda m, b: m.trainer.strategy.model(b)
     pytest.param("deepspeed", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="needs deepspeed, g++ and ninja")),
 ])
