@@ -322,6 +322,7 @@ def distributed_worker(rank: int, world: int, port: int, D: int, layers: int, th
         times = []
         for r in range(repeats + 1):
             metric._results = None
+            metric._computed = None  # (torchmetrics' cache: used by versions before the layer-sharded compute)
             if r == repeats:  # one more, counted
                 for name in CUBIC:
                     setattr(torch.linalg, name, counted(name))
