@@ -161,9 +161,10 @@ class ModalityIntegrationRate(Metric):
         # tokens folded per modality and layer, mirrored on the host so update() never reads the device
         self._seen: list[list[int]] | None = [[0] * self.num_layers for _ in MODALITIES]
         self._mask_cache: tuple[Any, ...] | None = None
-        # device-side input problems, raised later without stalling update(): [0] positions in both
-        # masks; [1 + 2k + i] non-finite tokens of layer k, modality i (nan_strategy="error")
-        self.register_buffer("_bad_inputs", torch.zeros(1 + 2 * self.num_layers, dtype=torch.long), persistent=False)
+        # device-side counts of input problems, raised later without stalling update(): key 0 positions
+        # in both masks; 1 + 2k + i non-finite tokens of layer k, modality i (nan_strategy="error").
+        # Summed out of place: the counts may be made under inference mode and read outside it.
+        self._bad_inputs: dict[int, Tensor] = {}
         # Big states start as empty placeholders (so torchmetrics' reset copies are tiny) and are
         # allocated on first use. They never go through torchmetrics' reductions: compute() and
         # merge_state() merge them exactly through the typed summaries (dist_reduce_fx=None).
@@ -346,12 +347,12 @@ class ModalityIntegrationRate(Metric):
     def _mask_index(self, vision_mask: Tensor, text_mask: Tensor, device: torch.device) -> list[tuple[Tensor, int]]:
         """Flat positions and counts of both masks on ``device``, computed once per mask pair
         (the one place a batch waits for the device: the number of selected positions)."""
-        key = (vision_mask, text_mask, vision_mask._version, text_mask._version, device)
+        key = (vision_mask, text_mask, _version(vision_mask), _version(text_mask), device)
         cache = self._mask_cache
         if cache is not None and all(a is b if isinstance(a, Tensor) else a == b for a, b in zip(cache[0], key)):
             return cache[1]
         vision, text = vision_mask.to(device), text_mask.to(device)
-        self._bad_inputs[0] += (vision & text).sum().to(self._bad_inputs.device)
+        self._count_bad_input(0, (vision & text).sum())
         index = []
         for mask in (vision, text):
             flat = mask.reshape(-1).nonzero().squeeze(1)
@@ -359,11 +360,20 @@ class ModalityIntegrationRate(Metric):
         self._mask_cache = (key, index)
         return index
 
+    def _count_bad_input(self, key: int, count: Tensor) -> None:
+        previous = self._bad_inputs.get(key)
+        self._bad_inputs[key] = count if previous is None else previous + count.to(previous.device)
+
     def _raise_input_errors(self) -> None:
         """Raise what the device found wrong with the inputs since the last reset (one sync)."""
-        if not bool(self._bad_inputs.any()):
+        if not self._bad_inputs:
             return
-        bad = self._bad_inputs.tolist()
+        keys = list(self._bad_inputs)
+        counts = torch.stack([self._bad_inputs[key].to(self._bad_inputs[keys[0]].device) for key in keys])
+        if not bool(counts.any()):
+            return
+        bad = dict.fromkeys(range(1 + 2 * self.num_layers), 0)
+        bad.update(zip(keys, counts.tolist()))
         problems = []
         if bad[0]:
             problems.append(f"{bad[0]} position(s) are in both vision_mask and text_mask; each token must be one modality")
@@ -386,7 +396,7 @@ class ModalityIntegrationRate(Metric):
             if not rows.shape[0]:
                 return
         else:
-            self._bad_inputs[1 + 2 * k + i] += (~torch.isfinite(norms)).sum()
+            self._count_bad_input(1 + 2 * k + i, (~torch.isfinite(norms)).sum())
         seen = self._host_seen()[i][k]
         for end in ("top", "bottom"):
             tails_update(
@@ -468,7 +478,7 @@ class ModalityIntegrationRate(Metric):
         self._results = None
         self._seen = [[0] * self.num_layers for _ in MODALITIES]
         self._mask_cache = None
-        self._bad_inputs.zero_()
+        self._bad_inputs = {}
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
@@ -665,3 +675,9 @@ class ModalityIntegrationRate(Metric):
             raise TypeError(f"val must be per_layer_stats() (a mapping of per-layer values), got {type(stats).__name__}")
         fig = per_layer_figure({key: torch.as_tensor(value).detach().cpu().tolist() for key, value in stats.items()})
         return fig, fig.axes
+
+
+def _version(tensor: Tensor) -> int | None:
+    """In-place modification counter of ``tensor`` (None for inference tensors, which have none:
+    the mask cache then relies on identity alone)."""
+    return None if tensor.is_inference() else tensor._version
