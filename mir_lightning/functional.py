@@ -339,9 +339,13 @@ def layer_result(
     corrected_t = replace_outliers_in_moments(text, outlier_sigma)
     target = device if device is not None else vision.m2.device
 
-    def gaussian(c, scale, n):  # scaled mean and unbiased covariance (symmetric up to rounding: the
-        # Cholesky reads one triangle and trace_sqrt_product symmetrises the product it solves)
-        return (c.mean * scale).to(target), (c.m2.mul_(scale * scale / (n - 1)) if c.replaced else c.m2 * (scale * scale / (n - 1))).to(target)
+    def gaussian(corrected, scale: float, n: int) -> tuple[Tensor, Tensor]:
+        """Scaled mean and unbiased covariance (symmetric up to rounding: the Cholesky reads one
+        triangle and trace_sqrt_product symmetrises the product it solves). The corrected M2 is
+        a new matrix and is scaled in place; an uncorrected one is the state's and is copied."""
+        factor = scale * scale / (n - 1)
+        cov = corrected.m2.mul_(factor) if corrected.replaced else corrected.m2 * factor
+        return (corrected.mean * scale).to(target), cov.to(target)
 
     mu_v, cov_v = gaussian(corrected_v, scale_v, nv)
     mu_t, cov_t = gaussian(corrected_t, scale_t, nt)
