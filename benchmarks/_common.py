@@ -18,11 +18,24 @@ from typing import Callable, Iterator, Sequence
 # float64 eigvalsh(512) ~100x slower (8 s instead of 0.08 s) and the timings meaningless.
 # Must be set before torch loads its OpenMP runtime: import this module before torch and numpy.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# OpenBLAS (numpy/scipy: the official "accurate" route) has the same problem with its own
-# spin-waiting pthreads: scipy sqrtm(512) took 9 s with 2 threads under load against 0.39 s
-# with 1, and 1 thread was no slower at moderate load (0.13 vs 0.18 s). One thread gives
-# the official route its most reliable case here. Must be set before numpy loads.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# OpenBLAS (numpy/scipy: the official "accurate" route) gets as many threads as torch
+# (``--threads`` of the calling script, default 2), so that every comparison runs at equal
+# thread counts; an OPENBLAS_NUM_THREADS in the environment wins. Must be set before numpy
+# loads. (Under heavy load OpenBLAS's spin-waiting threads can be pathological, like OpenMP's
+# above: run the official-route comparison on an otherwise idle machine.)
+
+
+def _threads_argument(default: int = 2) -> int:
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):
+        if arg == "--threads" and i + 1 < len(argv) and argv[i + 1].isdigit():
+            return int(argv[i + 1])
+        if arg.startswith("--threads=") and arg.split("=", 1)[1].isdigit():
+            return int(arg.split("=", 1)[1])
+    return default
+
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", str(_threads_argument()))
 
 import torch  # noqa: E402
 

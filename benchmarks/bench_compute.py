@@ -3,6 +3,11 @@ the torchmetrics route and the floor (one float64 eigvalsh per layer).
 
     python benchmarks/bench_compute.py            # D in {512, 1024, 2048} x 8 layers (+ near-identical case)
     python benchmarks/bench_compute.py --quick    # D in {256, 512} x 4 layers, < 1 minute
+    python benchmarks/bench_compute.py --world-sizes 1 2 3   # layer-sharded compute() on gloo ranks
+
+Every route runs at the same thread count (``--threads``: torch and OpenBLAS alike). The
+official accurate mode is ``scipy.linalg.sqrtm`` of the float32 product ``S_V S_T`` (scipy
+>= 1.15 computes it in float32), as the official script runs it on ``.float()`` tokens.
 
 Per D, synthetic LLM-like tokens (large common offset with a few massive dimensions,
 power-law spectra in different random bases, more tokens than D) are fed to four metrics
@@ -125,7 +130,6 @@ def build_case(name: str, D: int, layers: int, near_identical: bool, seed: int) 
 
 def fresh_compute(metric: ModalityIntegrationRate) -> torch.Tensor:
     """compute() from the fed state, bypassing the two result caches (torchmetrics' and the metric's)."""
-    metric._computed = None
     metric._results = None
     return metric.compute()
 
@@ -231,18 +235,24 @@ def run_case(case: Case, repeats: int, slow_repeats: int, slow_layers: int, mid_
 def profile_compute(metric: ModalityIntegrationRate, runs: int = 3) -> tuple[list[list[object]], str]:
     """Wall-time breakdown of compute() by patching the functions it calls (median of ``runs``)."""
     import mir_lightning.functional as F
-    import mir_lightning.metric as M
 
+    import mir_lightning.summaries as S
+
+    merge_key = "summaries (_summary: views of the state)"
+    rule_key = "outlier rule (replace_outliers_in_moments, incl. medians)"
+    median_key = "  of which medians (combined_lower_median)"
+    terms_key = "Frechet terms (frechet_terms)"
+    chol_key = "  of which Cholesky (_psd_factor)"
     acc: dict[str, float] = {}
     samples: list[dict[str, float]] = []
     for _ in range(runs):
         acc.clear()
         with C.timed_patches(acc, [
-            (metric, "_merged_layer", "merge (_merged_layer: gathers, casts, tails top-k, sketch copies)"),
-            (metric, "_apply_outlier_rule", "outlier rule (_apply_outlier_rule, incl. medians)"),
-            (M, "combined_lower_median", "  of which medians (combined_lower_median)"),
-            (M, "frechet_terms", "Frechet terms (frechet_terms)"),
-            (F, "_psd_factor", "  of which Cholesky (_psd_factor)"),
+            (metric, "_summary", merge_key),
+            (F, "replace_outliers_in_moments", rule_key),
+            (S, "combined_lower_median", median_key),
+            (F, "frechet_terms", terms_key),
+            (F, "_psd_factor", chol_key),
             (torch.linalg, "eigvalsh", "  of which eigvalsh"),
             (F, "trace_sqrt_product", "trace_sqrt_product"),
         ]):
@@ -253,19 +263,15 @@ def profile_compute(metric: ModalityIntegrationRate, runs: int = 3) -> tuple[lis
     med = {k: C.median([s.get(k, 0.0) for s in samples]) for k in samples[0]}
     total = med["total"]
     tsp = med.get("trace_sqrt_product", 0.0)
-    chol = med.get("  of which Cholesky (_psd_factor)", 0.0)
+    chol = med.get(chol_key, 0.0)
     eig = med.get("  of which eigvalsh", 0.0)
     rows = []
-    for key in ("merge (_merged_layer: gathers, casts, tails top-k, sketch copies)",
-                "outlier rule (_apply_outlier_rule, incl. medians)", "  of which medians (combined_lower_median)",
-                "Frechet terms (frechet_terms)", "  of which Cholesky (_psd_factor)"):
+    for key in (merge_key, rule_key, median_key, terms_key, chol_key):
         rows.append([key, med.get(key, 0.0), med.get(key, 0.0) / total])
     gemm = max(tsp - chol - eig, 0.0)
     rows.append(["  of which GEMMs L^T S L + symmetrise (rest of trace_sqrt_product)", gemm, gemm / total])
     rows.append(["  of which eigvalsh", eig, eig / total])
-    accounted = sum(med.get(k, 0.0) for k in ("merge (_merged_layer: gathers, casts, tails top-k, sketch copies)",
-                                              "outlier rule (_apply_outlier_rule, incl. medians)",
-                                              "Frechet terms (frechet_terms)"))
+    accounted = sum(med.get(k, 0.0) for k in (merge_key, rule_key, terms_key))
     rows.append(["rest of compute() (scaling covs, bookkeeping)", total - accounted, (total - accounted) / total])
     rows.append(["total compute()", total, 1.0])
 
@@ -275,6 +281,94 @@ def profile_compute(metric: ModalityIntegrationRate, runs: int = 3) -> tuple[lis
         fresh_compute(metric)
     ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40)
     return rows, ops
+
+
+# --------------------------------------------------------------------------- layer-sharded compute()
+CUBIC = ("eigvalsh", "cholesky_ex", "eigh")
+
+
+def distributed_worker(rank: int, world: int, port: int, D: int, layers: int, threads: int, repeats: int,
+                       out_dir: str) -> None:
+    """One gloo rank: feed its share of the tokens (every world-th token), then time compute()
+    between barriers and count the cubic linear-algebra calls it makes."""
+    import datetime
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
+    try:
+        torch.set_num_threads(threads)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model = C.SyntheticLLM(D, seed=1)
+        nv, nt = max(int(1.25 * D), 768), max(int(1.5 * D), 1024)
+        metric = ModalityIntegrationRate(layers, D, median_buffer=nt)  # exact medians: the split cannot matter
+        for k in range(layers):
+            vision, text = model.tokens("vision", nv, k)[rank::world], model.tokens("text", nt, k)[rank::world]
+            feed(metric, k, vision, text)
+        calls: dict[str, int] = {}
+        flops = [0.0]
+        originals = {name: getattr(torch.linalg, name) for name in CUBIC}
+
+        def counted(name):
+            def call(a, *args, **kwargs):
+                calls[name] = calls.get(name, 0) + 1
+                flops[0] += a.shape[-1] ** 3 * (a.numel() // (a.shape[-1] * a.shape[-2]))
+                return originals[name](a, *args, **kwargs)
+            return call
+
+        times = []
+        for r in range(repeats + 1):
+            metric._results = None
+            metric._computed = None  # (torchmetrics' cache: used by versions before the layer-sharded compute)
+            if r == repeats:  # one more, counted
+                for name in CUBIC:
+                    setattr(torch.linalg, name, counted(name))
+            dist.barrier()
+            t0 = time.perf_counter()
+            mir = float(metric.compute())
+            dist.barrier()
+            if r < repeats:
+                times.append(time.perf_counter() - t0)
+        for name in CUBIC:
+            setattr(torch.linalg, name, originals[name])
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(dict(times=times, calls=calls, n3=flops[0], mir=mir, fd=metric.per_layer_fd().tolist()), f)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(world_sizes: list[int], D: int, layers: int, threads: int, repeats: int) -> None:
+    import json
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    rows, base = [], None
+    for world in world_sizes:
+        with tempfile.TemporaryDirectory() as out_dir, socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            sock.close()
+            mp.spawn(distributed_worker, args=(world, port, D, layers, threads, repeats, out_dir), nprocs=world, join=True)
+            ranks = [json.load(open(f"{out_dir}/rank{r}.json")) for r in range(world)]
+        wall = [max(t) for t in zip(*(r["times"] for r in ranks))]  # the slowest rank per round
+        n3 = max(r["n3"] for r in ranks)
+        eig = max(r["calls"].get("eigvalsh", 0) for r in ranks)
+        if base is None:
+            base = (C.median(wall), n3, ranks[0]["fd"])
+        diff = max(abs(a - b) / abs(b) for a, b in zip(ranks[0]["fd"], base[2]))
+        same = all(r["fd"] == ranks[0]["fd"] for r in ranks)
+        rows.append([world, f"{threads} each", C.median(wall), f"{min(wall):.3g}-{max(wall):.3g}", C.median(wall) / base[0],
+                     f"{eig} (of {layers})", n3 / base[1], f"{diff:.1e}", "yes" if same else "NO"])
+    print(f"## Layer-sharded compute(): D={D} x {layers} layers, gloo on CPU, median of {repeats} rounds "
+          "(wall time of the slowest rank between barriers)")
+    print(C.table(["ranks", "torch threads", "compute() s", "min-max", "x 1 rank", "eigvalsh calls / rank (max)",
+                   "cubic work / rank vs 1 rank", "max rel FD diff vs 1 rank", "all ranks equal"], rows))
+    print("Cubic work counts n^3 per call of eigvalsh / cholesky_ex / eigh on the busiest rank.")
 
 
 # --------------------------------------------------------------------------- main
@@ -294,7 +388,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--world-sizes", type=int, nargs="+", default=None,
+                    help="only the layer-sharded compute() benchmark, for these numbers of gloo ranks")
+    ap.add_argument("--dist-dim", type=int, default=384)
+    ap.add_argument("--dist-layers", type=int, default=8)
     a = ap.parse_args()
+    if a.world_sizes:
+        C.setup(a.threads)
+        print(C.machine_info())
+        run_distributed(a.world_sizes, a.dist_dim, a.dist_layers, a.threads, a.repeats or 5)
+        return
     dims = a.dims or ([256, 512] if a.quick else [512, 1024, 2048])
     layers = a.layers or (4 if a.quick else 8)
     repeats = a.repeats or (3 if a.quick else 7)

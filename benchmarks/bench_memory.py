@@ -11,7 +11,9 @@
    sampling thread (psutil-free, /proc) is a cross-check.
 3. Formula table for (D, layers) = (4096, 32), (5120, 40), (8192, 80): state in float64 and
    float32 against the official script's host memory, which keeps every hidden state of
-   every sample: (layers + 1) x tokens x D x N x 2 bytes (fp16) for N = 100 and 1,000.
+   every sample: (layers + 1) x tokens x D x N x 2 bytes (fp16) for N = 100 and 1,000, with
+   ``--tokens`` per sample from the image on (default 700: LLaVA-1.5's 576 image tokens and
+   a ~120-token caption).
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def measure_peak(D: int, layers: int, dtype_name: str) -> dict:
 
 
 # --------------------------------------------------------------------------- main
-def official_host_bytes(layers: int, D: int, n_samples: int, tokens: int = 1400, bytes_per: int = 2) -> int:
+def official_host_bytes(layers: int, D: int, n_samples: int, tokens: int = 700, bytes_per: int = 2) -> int:
     """Hidden states the official script keeps on the host: all layers + the embedding output,
     every token from the image on, every sample, in the model's dtype (fp16)."""
     return (layers + 1) * tokens * D * n_samples * bytes_per
@@ -129,6 +131,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--peak", type=int, nargs=2, default=None, metavar=("D", "LAYERS"))
+    ap.add_argument("--tokens", type=int, default=700, help="tokens per sample the official script keeps (from the image on)")
     ap.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -155,12 +158,12 @@ def main() -> None:
     print(C.table(["state", "formula MiB", "held MiB", "RSS before compute MiB", "peak extra in compute MiB",
                    "peak extra / state", "sampled peak extra MiB", "compute s", "HWM reset"], rows))
 
-    print("\n## 3. State vs the official script's host memory (formula; official: (layers+1) x 1,400 tokens x D x N x 2 B fp16)")
+    print(f"\n## 3. State vs the official script's host memory (formula; official: (layers+1) x {a.tokens:,} tokens x D x N x 2 B fp16)")
     rows = []
     for D, L in ((4096, 32), (5120, 40), (8192, 80)):
         s64 = ModalityIntegrationRate.state_nbytes_for(L, D, F64)
         s32 = ModalityIntegrationRate.state_nbytes_for(L, D, F32)
-        o100, o1000 = official_host_bytes(L, D, 100), official_host_bytes(L, D, 1000)
+        o100, o1000 = official_host_bytes(L, D, 100, a.tokens), official_host_bytes(L, D, 1000, a.tokens)
         rows.append([f"{D} x {L}", f"{s64 / GiB:.2f}", f"{s32 / GiB:.2f}", f"{o100 / GiB:.1f}", f"{o1000 / GiB:.0f}",
                      o100 / s64, o100 / s32, o1000 / s64])
     print(C.table(["D x layers", "state f64 GiB", "state f32 GiB", "official N=100 GiB", "official N=1000 GiB",

@@ -89,7 +89,8 @@ def profile_update(metric: ModalityIntegrationRate, batches, runs: int = 3):
         ("M", "tails_update"): "tails_update x2 (top-k of norms, entering rows copied)",
         ("metric", "_sketch_add"): "median/norm sketches (_sketch_add)",
         ("M", "histogram_add"): "  of which histogram_add (grid position, scatter-add by column)",
-        ("metric", "_validate_masks"): "mask validation",
+        ("metric", "_validate"): "input validation (host-side shapes and dtypes)",
+        ("metric", "_mask_index"): "mask positions (once per batch)",
         ("metric", "_fold"): "_fold total",
     }
 
@@ -111,8 +112,8 @@ def profile_update(metric: ModalityIntegrationRate, batches, runs: int = 3):
             rows.append([key, med.get(key, 0.0), med.get(key, 0.0) / total])
     parts = sum(med.get(names[k], 0.0) for k in (("M", "moments_update"), ("M", "tails_update"), ("metric", "_sketch_add")))
     rows.append(["rest of _fold (isfinite check, norms, norm sums, casts)", fold - parts, (fold - parts) / total])
-    rows.append(["rest of update (mask indexing hidden[mask], .to(state dtype), loop)", total - fold - med.get(names[("metric", "_validate_masks")], 0.0),
-                 (total - fold - med.get(names[("metric", "_validate_masks")], 0.0)) / total])
+    other = total - fold - med.get(names[("metric", "_validate")], 0.0) - med.get(names[("metric", "_mask_index")], 0.0)
+    rows.append(["rest of update (index_select of the positions, .to(state dtype), loop, input-error check)", other, other / total])
     rows.append(["total update()", total, 1.0])
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -120,6 +121,42 @@ def profile_update(metric: ModalityIntegrationRate, batches, runs: int = 3):
         metric.update(hidden, vm, tm)
     ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40)
     return rows, ops
+
+
+def sync_check(device: str, D: int = 256, layers_list=(1, 8), batches: int = 4) -> None:
+    """Host syncs during steady-state update() against the number of layers: on CUDA the
+    warnings of ``torch.cuda.set_sync_debug_mode("warn")``, on CPU the Python-level reads of
+    tensor values (item, bool, int, float, tolist) that would be syncs on an accelerator."""
+    import warnings
+
+    rows = []
+    for layers in layers_list:
+        data = make_batches(D, layers, batches, 2, 256, seed=0, device=device)
+        metric = ModalityIntegrationRate(layers, D, median_buffer=64, norm_buffer=64).to(device)
+        for hidden, vm, tm in data[:2]:  # past the exact buffers
+            metric.update(hidden, vm, tm)
+        counted = [0]
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+        else:
+            originals = {n: getattr(torch.Tensor, n) for n in ("item", "__bool__", "__int__", "__float__", "tolist")}
+            for n, f in originals.items():
+                setattr(torch.Tensor, n, lambda self, *a, _f=f, **k: (counted.__setitem__(0, counted[0] + 1), _f(self, *a, **k))[1])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for hidden, vm, tm in data[2:]:
+                metric.update(hidden, vm, tm)
+        if device.startswith("cuda"):
+            torch.cuda.set_sync_debug_mode(0)
+            counted[0] = sum("synchroniz" in str(w.message) for w in caught)
+        else:
+            for n, f in originals.items():
+                setattr(torch.Tensor, n, f)
+        rows.append([layers, len(data) - 2, counted[0], counted[0] / (len(data) - 2)])
+    what = "sync warnings (set_sync_debug_mode)" if device.startswith("cuda") else "Python-level tensor value reads"
+    print(f"## Host syncs in steady-state update() on {device}, D={D}")
+    print(C.table(["layers", "update() calls", what, "per call"], rows))
 
 
 def main() -> None:
@@ -134,7 +171,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--sync-check", default=None, metavar="DEVICE", help="only count host syncs of update() on DEVICE")
     a = ap.parse_args()
+    if a.sync_check:
+        C.setup(a.threads)
+        print(C.machine_info(a.sync_check))
+        sync_check(a.sync_check)
+        return
     dims = a.dims or ([256, 512] if a.quick else [512, 1024, 2048])
     layers = a.layers or (2 if a.quick else 4)
     repeats = a.repeats or (3 if a.quick else 5)

@@ -1,6 +1,6 @@
 """Pure tensor math of the Modality Integration Rate (no torchmetrics, no Lightning).
 
-Spec: Huang et al., arXiv 2410.07167, and ``MIR.md`` of this project. Per LLM layer k,
+Spec: Huang et al., arXiv 2410.07167. Per LLM layer k,
 with vision tokens ``V_k`` and text tokens ``T_k`` (rows):
 
 1. text-centric scale ``a_k = 1 / mean_i ||T_k[i]||``, applied to both modalities;
@@ -10,24 +10,31 @@ with vision tokens ``V_k`` and text tokens ``T_k`` (rows):
    covariances;
 4. ``MIR = log10(sum_k FD_k)``.
 
-Everything here works on materialised tensors and is the reference the streaming metric
-is built from. Linear algebra runs in the dtype it is given (use float64).
+:func:`modality_integration_rate` works on materialised tokens; :func:`layer_result` gives the
+same per-layer result from two streaming summaries (:class:`~mir_lightning.summaries.ModalitySummary`),
+which is what the metric computes. Linear algebra runs in the dtype it is given (use float64).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import astuple, dataclass, fields
 from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
+
+from mir_lightning.summaries import ModalitySummary, replace_outliers_in_moments
 
 SqrtMode = Literal["exact", "official_fast"]
 SQRT_MODES = ("exact", "official_fast")
 
 __all__ = [
     "SQRT_MODES",
+    "LayerResult",
+    "layer_result",
+    "text_centric_scales",
     "frechet_distance",
     "frechet_terms",
     "lower_median",
@@ -100,7 +107,8 @@ def frechet_terms(
         cov1, cov2: covariances ``[..., D, D]`` (symmetric PSD).
         sqrt_mode: ``"exact"`` uses ``2 tr((cov1 cov2)^(1/2))``; ``"official_fast"``
             uses ``2 tr(cov1 cov2)``, what the official script's default "fast" mode
-            computes (its square-root iteration returns its input, see MIR.md). Not a
+            computes (its square-root iteration ``Y = A, Z = I`` is a fixed point that returns its
+            input ``A``). Not a
             Fréchet distance; offered only to compare with numbers made that way.
 
     Returns:
@@ -236,3 +244,125 @@ def modality_integration_rate(
         fds.append(frechet_distance(mu_t, cov_t, mu_v, cov_v, sqrt_mode))
     per_layer = torch.stack(fds)
     return torch.log10(per_layer.sum()), per_layer
+
+
+Normalization = Literal["text", "per_modality"]
+
+
+def text_centric_scales(
+    vision_mean_norm: float, text_mean_norm: float, normalization: Normalization = "text"
+) -> tuple[float, float]:
+    """``(vision scale, text scale)``: both ``1 / mean text-token norm`` (the paper's MIR), or
+    with ``normalization="per_modality"`` (a labelled variant) each ``1 / its own mean norm``."""
+    text_scale = 1.0 / text_mean_norm
+    vision_scale = 1.0 / vision_mean_norm if normalization == "per_modality" else text_scale
+    return vision_scale, text_scale
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """One layer's MIR diagnostics (see ``ModalityIntegrationRate.per_layer_stats``) and caveats.
+
+    The first twelve fields are the per-layer statistics; the ``*_sketch`` flags say that a
+    median came from a histogram (``median_sketch``: the median row that replaced outliers;
+    ``norm_sketch``: the median norm); ``overflow_*``: more outliers at that end of the norm
+    distribution than rows kept there. All fields are numbers, so a result travels as one
+    float64 row (:meth:`as_row` / :meth:`from_row`)."""
+
+    fd: float
+    mean_term: float
+    trace_vision: float
+    trace_text: float
+    cross_term: float
+    norm_ratio: float
+    n_vision: int
+    n_text: int
+    outliers_vision: int = 0
+    outliers_text: int = 0
+    nonfinite_vision: int = 0
+    nonfinite_text: int = 0
+    median_sketch_vision: bool = False
+    median_sketch_text: bool = False
+    norm_sketch_vision: bool = False
+    norm_sketch_text: bool = False
+    overflow_high_vision: bool = False
+    overflow_low_vision: bool = False
+    overflow_high_text: bool = False
+    overflow_low_text: bool = False
+
+    STATS = ("fd", "mean_term", "trace_vision", "trace_text", "cross_term", "norm_ratio", "n_vision", "n_text",
+             "outliers_vision", "outliers_text", "nonfinite_vision", "nonfinite_text")
+
+    @property
+    def degenerate(self) -> bool:
+        """Fewer than 2 tokens of a modality: FD is NaN."""
+        return self.n_vision < 2 or self.n_text < 2
+
+    def as_row(self) -> Tensor:
+        return torch.tensor([float(v) for v in astuple(self)], dtype=torch.float64)
+
+    @classmethod
+    def from_row(cls, row: Tensor) -> "LayerResult":
+        values = row.tolist()
+        kinds = [f.type for f in fields(cls)]
+        return cls(*(v if kind == "float" else (bool(v) if kind == "bool" else int(round(v))) for v, kind in zip(values, kinds)))
+
+    @classmethod
+    def width(cls) -> int:
+        return len(fields(cls))
+
+
+def layer_result(
+    vision: ModalitySummary,
+    text: ModalitySummary,
+    *,
+    outlier_sigma: float | None = 3.0,
+    sqrt_mode: SqrtMode = "exact",
+    normalization: Normalization = "text",
+    device: torch.device | None = None,
+) -> LayerResult:
+    """MIR of one layer from the summaries of its vision and text tokens.
+
+    Text-centric scaling (:func:`text_centric_scales`), the 3-sigma rule as a rank update of
+    each modality's moments (:func:`~mir_lightning.summaries.replace_outliers_in_moments`),
+    then :func:`frechet_terms` in float64 on ``device`` (default: where the summaries are),
+    factoring the covariance of the modality with more tokens. Fewer than 2 tokens of a
+    modality: NaN terms.
+    """
+    nv, nt = vision.count, text.count
+    counts = dict(n_vision=nv, n_text=nt, nonfinite_vision=vision.nonfinite, nonfinite_text=text.nonfinite)
+    if nv < 2 or nt < 2:
+        nan = math.nan
+        return LayerResult(fd=nan, mean_term=nan, trace_vision=nan, trace_text=nan, cross_term=nan, norm_ratio=nan, **counts)
+    scale_v, scale_t = text_centric_scales(vision.mean_norm, text.mean_norm, normalization)
+    corrected_v = replace_outliers_in_moments(vision, outlier_sigma)
+    corrected_t = replace_outliers_in_moments(text, outlier_sigma)
+    target = device if device is not None else vision.m2.device
+
+    def gaussian(corrected, scale: float, n: int) -> tuple[Tensor, Tensor]:
+        """Scaled mean and unbiased covariance (symmetric up to rounding: the Cholesky reads one
+        triangle and trace_sqrt_product symmetrises the product it solves). The corrected M2 is
+        a new matrix and is scaled in place; an uncorrected one is the state's and is copied."""
+        factor = scale * scale / (n - 1)
+        cov = corrected.m2.mul_(factor) if corrected.replaced else corrected.m2 * factor
+        return (corrected.mean * scale).to(target), cov.to(target)
+
+    mu_v, cov_v = gaussian(corrected_v, scale_v, nv)
+    mu_t, cov_t = gaussian(corrected_t, scale_t, nt)
+    if nt >= nv:
+        terms = frechet_terms(mu_t, cov_t, mu_v, cov_v, sqrt_mode)
+        trace_t, trace_v = terms["trace1"], terms["trace2"]
+    else:
+        terms = frechet_terms(mu_v, cov_v, mu_t, cov_t, sqrt_mode)
+        trace_v, trace_t = terms["trace1"], terms["trace2"]
+    fd = terms["fd"].clamp_min(0) if sqrt_mode == "exact" else terms["fd"]
+    return LayerResult(
+        fd=float(fd), mean_term=float(terms["mean_term"]), trace_vision=float(trace_v), trace_text=float(trace_t),
+        cross_term=float(terms["cross_term"]), norm_ratio=vision.mean_norm / text.mean_norm,
+        outliers_vision=corrected_v.replaced, outliers_text=corrected_t.replaced,
+        median_sketch_vision=not corrected_v.median_exact, median_sketch_text=not corrected_t.median_exact,
+        norm_sketch_vision=not corrected_v.norm_median_exact, norm_sketch_text=not corrected_t.norm_median_exact,
+        overflow_high_vision=corrected_v.overflow_high, overflow_low_vision=corrected_v.overflow_low,
+        overflow_high_text=corrected_t.overflow_high, overflow_low_text=corrected_t.overflow_low,
+        **counts,
+    )

@@ -18,17 +18,30 @@ All functions act on one layer's tensors (views into the metric's stacked state)
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
+    "CorrectedMoments",
+    "MedianSketch",
+    "ModalitySummary",
+    "Tail",
     "column_order_statistics",
     "combined_lower_median",
     "histogram_add",
     "histogram_grid",
+    "histogram_rebin",
+    "merge_summaries",
+    "moments_merge",
     "moments_recentre",
     "moments_update",
+    "pooled_mean",
+    "replace_outliers_in_moments",
     "tails_update",
 ]
 
@@ -64,41 +77,92 @@ def moments_recentre(count: Tensor | int, mean: Tensor, m2: Tensor, centre: Tens
     return torch.addr(m2, delta, delta, alpha=float(count))
 
 
-def tails_update(rows: Tensor, norms: Tensor, dropped: Tensor, x: Tensor, x_norms: Tensor, largest: bool) -> None:
-    """Keep the ``K`` rows of largest (or smallest) norm seen so far, in place.
+def pooled_mean(counts: Sequence[int], means: Sequence[Tensor]) -> Tensor:
+    """Mean of the union of parts with ``counts[i]`` rows and mean ``means[i]`` (float64 ``[D]``)."""
+    total = sum(counts)
+    pooled = torch.zeros_like(means[0], dtype=torch.float64)
+    for count, mean in zip(counts, means):
+        if count:
+            pooled.add_(mean.to(torch.float64), alpha=count / total)
+    return pooled
+
+
+def moments_merge(counts: Sequence[int], means: Sequence[Tensor], m2s: Sequence[Tensor]) -> tuple[int, Tensor, Tensor]:
+    """Exact ``(count, mean, M2)`` of the union of parts (Chan et al.): every part's ``M2`` is
+    re-centred on the pooled mean (:func:`moments_recentre`) and the results are summed.
+    Float64, new tensors. The distributed merge does the same with a sum over ranks."""
+    total = sum(counts)
+    mean = pooled_mean(counts, means)
+    m2 = torch.zeros_like(m2s[0], dtype=torch.float64)
+    for count, part_mean, part_m2 in zip(counts, means, m2s):
+        if count:
+            m2 += moments_recentre(count, part_mean.to(torch.float64), part_m2.to(torch.float64), mean)
+    return total, mean, m2
+
+
+def fixed_shapes(device: torch.device) -> bool:
+    """Whether streaming updates on ``device`` avoid data-dependent shapes (boolean indexing,
+    ``nonzero``), which make the host wait for an accelerator's stream. On the CPU work is
+    synchronous anyway, and selecting only the rows that matter is cheaper."""
+    return device.type != "cpu"
+
+
+def tails_update(
+    rows: Tensor, norms: Tensor, dropped: Tensor, x: Tensor, x_norms: Tensor, largest: bool, fixed: bool | None = None
+) -> None:
+    """Keep the ``K`` rows of largest (or smallest) norm seen so far, in place, with no host sync.
 
     Args:
         rows: ``[K, D]`` kept rows; norms: ``[K]`` their norms (``-inf``/``+inf`` = empty slot).
         dropped: 0-dim, the most extreme norm of any row not kept (``-inf``/``+inf`` if none):
             the 3-sigma rule is exact as long as this row is not an outlier.
         x, x_norms: new rows ``[n, D]`` and their norms ``[n]``.
+        fixed: fixed shapes (default: :func:`fixed_shapes` of the device): one sorted
+            top-``K+1`` of the ``K + n`` norms, then ``min(K, n)`` slots rewritten (the freed
+            ones first, the rest onto themselves). Otherwise only the new rows beyond the kept
+            extreme are looked at and only the entering ones copied (data-dependent shapes).
     """
-    if x.shape[0] == 0:
+    k, n = norms.shape[0], x.shape[0]
+    if n == 0:
         return
-    k = norms.shape[0]
     x_norms = x_norms.to(norms.dtype)
-    if k and not bool(torch.isinf(norms).any()):  # full: only rows beyond the kept extreme can enter
-        bound = norms.min() if largest else norms.max()
+    if fixed is None:
+        fixed = fixed_shapes(x.device)
+    extreme_of = torch.maximum if largest else torch.minimum
+    if not fixed and k:
+        bound = norms.min() if largest else norms.max()  # an empty slot's -+inf while not full
         enter = x_norms > bound if largest else x_norms < bound
-        if not bool(enter.all()):
-            out = x_norms[~enter]
-            dropped.copy_(torch.maximum(dropped, out.max()) if largest else torch.minimum(dropped, out.min()))
-            x, x_norms = x[enter], x_norms[enter]
-            if not x.shape[0]:
-                return
+        outside = x_norms.masked_fill(enter, -math.inf if largest else math.inf)
+        dropped.copy_(extreme_of(dropped, outside.max() if largest else outside.min()))
+        x, x_norms = x[enter], x_norms[enter]
+    candidates = x_norms.shape[0]
     all_norms = torch.cat([norms, x_norms])
-    keep = torch.topk(all_norms, k, largest=largest, sorted=False).indices
-    lost = torch.ones_like(all_norms, dtype=torch.bool)
-    lost[keep] = False
-    if bool(lost.any()):
-        extreme = all_norms[lost].max() if largest else all_norms[lost].min()
-        dropped.copy_(torch.maximum(dropped, extreme) if largest else torch.minimum(dropped, extreme))
-    # new rows that made it move into the slots of the kept rows that did not (as many)
-    incoming = keep[keep >= k] - k
-    if incoming.numel():
-        freed = lost[:k].nonzero().squeeze(1)
-        rows[freed] = x[incoming].to(rows.dtype)
-        norms[freed] = x_norms[incoming]
+    top = torch.topk(all_norms, k + 1, largest=largest, sorted=True) if candidates else None
+    if top is None:
+        return
+    dropped.copy_(extreme_of(dropped, top.values[k]))  # the most extreme norm not kept (or an empty slot's)
+    if k == 0:
+        return
+    keep = top.indices[:k]
+    # pair freed slots with incoming rows: incoming first (key < 0), then kept old indices ascending;
+    # freed slots first, then kept slots ascending (the same set as the kept old indices)
+    kept_slot = torch.zeros(k + candidates, dtype=torch.bool, device=norms.device)
+    kept_slot[keep] = True
+    slots = torch.argsort(kept_slot[:k].to(torch.uint8), stable=True)
+    sources = torch.sort(torch.where(keep >= k, keep - (k + candidates), keep)).values
+    sources = torch.where(sources < 0, sources + (k + candidates), sources)
+    writes = min(k, candidates)
+    slots, sources = slots[:writes], sources[:writes]
+    if fixed:
+        new = (sources >= k)[:, None]
+        values = torch.where(new, x.index_select(0, (sources - k).clamp(min=0)).to(rows.dtype),
+                             rows.index_select(0, sources.clamp(max=k - 1)))
+    else:  # only the incoming rows
+        incoming = sources >= k
+        slots, sources = slots[incoming], sources[incoming]
+        values = x.index_select(0, sources - k).to(rows.dtype)
+    rows.index_copy_(0, slots, values)
+    norms.index_copy_(0, slots, all_norms[sources])
 
 
 def column_order_statistics(x: Tensor, ranks: list[int]) -> Tensor:
@@ -279,3 +343,170 @@ def combined_lower_median(
         if step % 4 == 3 and bool(((b - a) <= tolerance).all()):
             break
     return b, False
+
+
+def _grid_value(position: Tensor, centre: Tensor, scale: Tensor, bins: int) -> Tensor:
+    """Inverse of :func:`_bin_position` (offset 0): the value at a grid position."""
+    half = (bins - 2) / 2
+    t = ((position - half) * (_REACH / half)).clamp(-_REACH, _REACH)
+    return centre + scale * t / (1.0 - t.abs())
+
+
+def histogram_rebin(
+    hist: Tensor, centre: Tensor, scale: Tensor, source: Tensor, source_centre: Tensor, source_scale: Tensor
+) -> None:
+    """Add the counts of histogram ``source [C, B]`` (its own grid) into ``hist [C, B]`` (grid
+    ``centre``, ``scale``), in place: each source bin's count lands where its midpoint falls
+    (the open-ended bins at their grid ends). Moves mass by at most half a source bin: within
+    the resolution the source histogram already had. Used when merging two metrics."""
+    c, b = source.shape
+    position = torch.arange(b, dtype=torch.float64, device=source.device).sub_(0.5).clamp_(0, b - 2)
+    values = _grid_value(position[None, :], source_centre[:, None], source_scale[:, None], b)  # [C, B]
+    histogram_add_weighted(hist, centre, scale, values, source)
+
+
+def histogram_add_weighted(hist: Tensor, centre: Tensor, scale: Tensor, values: Tensor, weights: Tensor) -> None:
+    """Count ``values [C, m]`` with integer ``weights [C, m]`` into ``hist [C, B]`` (one grid per row)."""
+    b = hist.shape[1]
+    pos = _bin_position(values.to(torch.float64), centre.to(torch.float64)[:, None],
+                        scale.reciprocal().to(torch.float64)[:, None], b, offset=1.0).clamp_(0, b - 1)
+    hist.scatter_add_(1, pos.long(), weights.to(hist.dtype))
+
+
+# ----------------------------------------------------------------------------- typed summaries
+@dataclass
+class Tail:
+    """The rows kept at one end of the norm distribution (see :func:`tails_update`).
+
+    ``rows [k, D]``, ``norms [k]`` (``-inf`` / ``+inf`` marks an empty slot), ``dropped``
+    (0-dim): the most extreme norm of a row not kept; ``largest``: which end."""
+
+    rows: Tensor
+    norms: Tensor
+    dropped: Tensor
+    largest: bool
+
+
+@dataclass
+class MedianSketch:
+    """Columns' lower median of a stream: exact ``rows [m, C]`` and
+    ``histograms`` ``(counts [C, B], centre [C], scale [C])`` of the rest."""
+
+    rows: Tensor
+    histograms: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
+
+    def lower_median(self) -> tuple[Tensor, bool]:
+        """``(median [C] float64, exact)`` (see :func:`combined_lower_median`)."""
+        return combined_lower_median(self.rows, self.histograms)
+
+
+@dataclass
+class ModalitySummary:
+    """Everything MIR needs of one modality in one layer, from which it is exact.
+
+    Attributes:
+        count: tokens folded in (non-finite ones skipped are in ``nonfinite``).
+        mean: ``[D]``; m2: ``[D, D]`` centred co-moment ``sum (x - mean)(x - mean)^T``.
+        norm_mean: ``[1]``; norm_m2: ``[1, 1]``: the same two moments of the token norms.
+        high, low: the largest- and smallest-norm rows (:class:`Tail`).
+        values: median sketch of the tokens (columns = dimensions); norms: of their norms.
+        nonfinite: tokens skipped for non-finite values.
+    """
+
+    count: int
+    mean: Tensor
+    m2: Tensor
+    norm_mean: Tensor
+    norm_m2: Tensor
+    high: Tail
+    low: Tail
+    values: MedianSketch
+    norms: MedianSketch
+    nonfinite: int = 0
+
+    @property
+    def mean_norm(self) -> float:
+        return float(self.norm_mean.reshape(()))
+
+    @property
+    def norm_std(self) -> float:
+        """Unbiased standard deviation of the token norms (0 below 2 tokens)."""
+        if self.count < 2:
+            return 0.0
+        return math.sqrt(max(float(self.norm_m2.reshape(())) / (self.count - 1), 0.0))
+
+
+def _merge_tails(a: Tail, b: Tail) -> Tail:
+    """Union of two tails, kept whole (the capacity bounds the state, not a one-layer merge)."""
+    extreme = torch.maximum if a.largest else torch.minimum
+    return Tail(torch.cat([a.rows, b.rows.to(a.rows.dtype)]), torch.cat([a.norms, b.norms.to(a.norms.dtype)]),
+                extreme(a.dropped, b.dropped.to(a.dropped.dtype)), a.largest)
+
+
+def merge_summaries(a: ModalitySummary, b: ModalitySummary) -> ModalitySummary:
+    """The summary of both streams: exact co-moments and norm moments (:func:`moments_merge`),
+    the union of the tails and of the median sketches' parts."""
+    count, mean, m2 = moments_merge([a.count, b.count], [a.mean, b.mean], [a.m2, b.m2])
+    _, norm_mean, norm_m2 = moments_merge([a.count, b.count], [a.norm_mean, b.norm_mean], [a.norm_m2, b.norm_m2])
+    return ModalitySummary(
+        count=count, mean=mean, m2=m2, norm_mean=norm_mean, norm_m2=norm_m2,
+        high=_merge_tails(a.high, b.high), low=_merge_tails(a.low, b.low),
+        values=MedianSketch(torch.cat([a.values.rows, b.values.rows]), a.values.histograms + b.values.histograms),
+        norms=MedianSketch(torch.cat([a.norms.rows, b.norms.rows]), a.norms.histograms + b.norms.histograms),
+        nonfinite=a.nonfinite + b.nonfinite,
+    )
+
+
+@dataclass
+class CorrectedMoments:
+    """Mean ``[D]`` and M2 ``[D, D]`` (float64) after the 3-sigma rule, and how they were made.
+
+    ``replaced``: rows replaced by the median row; ``median_exact`` / ``norm_median_exact``:
+    False when that median came from a histogram (only read when needed);
+    ``overflow_high`` / ``overflow_low``: an outlier may have been dropped from that tail (only
+    the kept ones were replaced)."""
+
+    mean: Tensor
+    m2: Tensor
+    replaced: int = 0
+    median_exact: bool = True
+    norm_median_exact: bool = True
+    overflow_high: bool = False
+    overflow_low: bool = False
+
+
+def replace_outliers_in_moments(summary: ModalitySummary, sigma: float | None) -> CorrectedMoments:
+    """The 3-sigma rule as a rank update of the moments.
+
+    Rows whose norm lies more than ``sigma`` (unbiased) std from the lower median norm are
+    replaced by the per-dimension lower median row ``r``. They can only be among the kept
+    tails; with ``Y`` = those rows minus the mean, ``c`` of them, ``n`` tokens and
+    ``s = c (r - mean) - sum Y``: ``mean' = mean + s / n`` and
+    ``M2' = M2 - Y^T Y + c (r - mean)(r - mean)^T - s s^T / n`` (a new matrix; the summary is
+    not modified). ``sigma=None`` or fewer than 2 tokens: unchanged.
+    """
+    mean, m2, n = summary.mean.to(torch.float64), summary.m2.to(torch.float64), summary.count
+    if sigma is None or n < 2:
+        return CorrectedMoments(mean, m2)
+    median_norm, norm_exact = summary.norms.lower_median()
+    median_norm = float(median_norm[0])
+    spread = sigma * summary.norm_std
+    high, low = median_norm + spread, median_norm - spread
+    top, bottom = summary.high, summary.low
+    hit_high = (top.norms > high) & torch.isfinite(top.norms)
+    hit_low = (bottom.norms < low) & torch.isfinite(bottom.norms)
+    outliers = torch.cat([top.rows[hit_high], bottom.rows[hit_low]]).to(torch.float64)
+    result = CorrectedMoments(mean, m2, norm_median_exact=norm_exact, overflow_high=float(top.dropped) > high,
+                              overflow_low=float(bottom.dropped) < low)
+    count = outliers.shape[0]
+    if count == 0:
+        return result
+    median_row, result.median_exact = summary.values.lower_median()
+    y = outliers.sub_(mean)
+    ym = median_row.to(mean.device) - mean
+    shift = count * ym - y.sum(0)
+    corrected = torch.addmm(m2, y.mT, y, alpha=-1.0)
+    corrected.addr_(ym, ym, alpha=float(count))
+    corrected.addr_(shift, shift, alpha=-1.0 / n)
+    result.mean, result.m2, result.replaced = mean + shift / n, corrected, count
+    return result

@@ -1,4 +1,5 @@
-"""Real multi-process runs (torch.distributed, gloo, CPU): every rank's MIR equals one process."""
+"""Real multi-process runs (torch.distributed, gloo, CPU): every rank's MIR equals one process,
+and compute() is layer-sharded (each rank solves only the layers it owns)."""
 
 from __future__ import annotations
 
@@ -39,15 +40,22 @@ def _worker(rank, world, port, sigmas, buffers, kwargs, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         hidden, vision, text = llm_like_hidden(**kwargs)
+        eigvalsh = torch.linalg.eigvalsh
         for sigma in sigmas:
             metric = ModalityIntegrationRate(hidden.shape[0], hidden.shape[-1], outlier_sigma=sigma, **buffers)
             for row, keep_vision in _shares(world, hidden.shape[1])[rank]:
                 v = vision[row:row + 1] & keep_vision
                 metric.update(hidden[:, row:row + 1], v, text[row:row + 1])
-            mir = metric.compute()
+            solves = []  # the cubic work of compute(): one eigvalsh per layer solved on this rank
+            torch.linalg.eigvalsh = lambda *a, **kw: (solves.append(1), eigvalsh(*a, **kw))[1]
+            try:
+                mir = metric.compute()
+            finally:
+                torch.linalg.eigvalsh = eigvalsh
             fd = metric.per_layer_fd()
             stats = metric.per_layer_stats()
-            torch.save({"mir": mir, "fd": fd, "stats": stats}, os.path.join(out_dir, f"rank{rank}_{sigma}.pt"))
+            torch.save({"mir": mir, "fd": fd, "stats": stats, "solves": len(solves)},
+                       os.path.join(out_dir, f"rank{rank}_{sigma}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -68,7 +76,9 @@ def _single(sigma, kwargs, world, buffers):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_equal_one_process(tmp_path, world):
-    kwargs = dict(layers=2, batch=12, seq=64, dim=24, n_vision=10, seed=21)
+    """Exact medians (default buffers): every rank returns the single-process values to 1e-12,
+    and each rank solved only the layers it owns (round-robin: layer k on rank k % world)."""
+    kwargs = dict(layers=4, batch=12, seq=64, dim=24, n_vision=10, seed=21)
     buffers = {}  # defaults: every median exact at this size
     mp.spawn(_worker, args=(world, _free_port(), (None, 3.0), buffers, kwargs, str(tmp_path)), nprocs=world, join=True)
     for sigma in (None, 3.0):
@@ -80,21 +90,31 @@ def test_ranks_equal_one_process(tmp_path, world):
             assert sum(d["outliers_vision"] + d["outliers_text"] for d in ref_layers) > 0
         for rank in range(world):
             got = torch.load(tmp_path / f"rank{rank}_{sigma}.pt")
-            assert torch.allclose(got["fd"], expected_fd, rtol=1e-6, atol=0)
-            assert abs(float(got["mir"]) - float(single.compute())) < 1e-6
+            # measured per layer: 8e-15 without the outlier rule; 1e-12 with it (the merge rounds the
+            # co-moments in another order, and the rank update that removes rows of ~150x the
+            # median norm cancels ~8 digits of M2 in their directions: traces agree to 5e-9)
+            rtol = 1e-13 if sigma is None else 1e-11
+            assert torch.allclose(got["fd"], expected_fd, rtol=rtol, atol=0)
+            assert abs(float(got["mir"]) - float(single.compute())) < rtol
             for key in ("n_vision", "n_text", "outliers_vision", "outliers_text"):
                 assert torch.equal(got["stats"][key], single.per_layer_stats()[key])
+            assert got["solves"] == len(range(rank, kwargs["layers"], world))
 
 
-def test_ranks_beyond_exact_median_buffer(tmp_path):
-    """Histogram medians on some ranks: still within the documented 1e-4 of the reference."""
-    world = 2
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_beyond_exact_median_buffer(tmp_path, world):
+    """More tokens than median_buffer / norm_buffer: the median sketch (exact rows, then
+    histograms) depends on how the tokens are split over ranks. Documented bound: the
+    sketch's, 1e-6 relative per layer on LLM-like data; every rank returns the same number."""
     kwargs = dict(layers=2, batch=24, seq=96, dim=24, n_vision=20, seed=22)
     buffers = dict(median_buffer=64, norm_buffer=200)
     mp.spawn(_worker, args=(world, _free_port(), (3.0,), buffers, kwargs, str(tmp_path)), nprocs=world, join=True)
-    _, (hidden, seen_vision, text) = _single(3.0, kwargs, world, buffers)
+    single, (hidden, seen_vision, text) = _single(3.0, kwargs, world, buffers)
     _, ref_fd, ref_layers = reference_from_hidden(hidden, seen_vision, text, 3.0)
     assert sum(d["outliers_vision"] for d in ref_layers) > 0
     fds = [torch.load(tmp_path / f"rank{r}_3.0.pt")["fd"] for r in range(world)]
-    assert torch.equal(fds[0], fds[1])  # every rank the same number
-    assert abs(float(fds[0].sum()) / ref_fd.sum() - 1) < 1e-4
+    for fd in fds[1:]:
+        assert torch.equal(fds[0], fd)  # every rank the same number
+    # measured per layer: 4e-8 (2 ranks) and ~1e-7 (3 ranks) against one process, 1e-7 against the reference
+    assert np.all(np.abs(fds[0].numpy() / single.per_layer_fd().numpy() - 1) < 1e-6)
+    assert np.all(np.abs(fds[0].numpy() / ref_fd - 1) < 1e-6)
