@@ -201,7 +201,9 @@ class ModalityIntegrationRate(Metric):
             f"{m}_med_rows": ((L, self.median_buffer, Dm), torch.float32, None),
             f"{m}_med_centre": ((L, Dm), f64, 0),
             f"{m}_med_scale": ((L, Dm), f64, 0),
-            f"{m}_nrm_rows": ((L, self.norm_buffer, 1), torch.float32, None),
+            # norms in float64: after a final RMSNorm every token's norm can agree to ~1e-8,
+            # below float32 resolution, and the rule's median norm must resolve that spread
+            f"{m}_nrm_rows": ((L, self.norm_buffer, 1), f64, None),
             f"{m}_nrm_centre": ((L, 1), f64, 0),
             f"{m}_nrm_scale": ((L, 1), f64, 0),
         }
@@ -252,14 +254,14 @@ class ModalityIntegrationRate(Metric):
         """Upper bound of the state in bytes (both modalities, histograms allocated).
 
         Per layer and modality: ``s * (D^2 + D + (K + Kb) (D + 1) + 2) + 4 D (R + B) + 16 D
-        + 4 Rn + 4 Bn + 48`` with ``s`` the bytes of ``state_dtype``, ``Kb = min(K, 64)``.
+        + 8 Rn + 4 Bn + 48`` with ``s`` the bytes of ``state_dtype``, ``Kb = min(K, 64)``.
         Independent of the number of tokens.
         """
         s = torch.empty(0, dtype=state_dtype).element_size()
         Dm, K = hidden_size, max_outliers
         Kb = min(K, 64)
         per = s * (Dm * Dm + Dm + (K + Kb) * (Dm + 1) + 2) + 4 * Dm * (median_buffer + median_bins) + 16 * Dm
-        per += 4 * norm_buffer + 4 * norm_bins + 16 + 32
+        per += 8 * norm_buffer + 4 * norm_bins + 16 + 32
         return 2 * num_layers * per
 
     def state_nbytes(self) -> int:
