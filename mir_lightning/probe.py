@@ -148,15 +148,13 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 MASK_KEYS = ("vision_mask", "text_mask")
 
 
-def _named_inputs(model: nn.Module) -> set[str] | None:
-    """Parameter names of ``model.forward`` (None when it takes ``**kwargs`` or has no signature)."""
+def _named_inputs(model: nn.Module) -> set[str]:
+    """Names of the explicit parameters of ``model.forward`` (empty when it has no signature)."""
     try:
         parameters = inspect.signature(unwrap_module(model).forward).parameters.values()
     except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return None
-    return {p.name for p in parameters}
+        return set()
+    return {p.name for p in parameters if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
 
 
 def default_step(model: nn.Module, batch: Any) -> Any:
@@ -164,7 +162,7 @@ def default_step(model: nn.Module, batch: Any) -> Any:
     ``vision_mask`` / ``text_mask`` entries are the probe's: they are passed on only to a
     ``forward`` that names them as parameters."""
     if isinstance(batch, Mapping):
-        named = _named_inputs(model) or set()
+        named = _named_inputs(model)
         return model(**{key: value for key, value in batch.items() if key not in MASK_KEYS or key in named})
     return model(batch)
 
