@@ -41,6 +41,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from _common import cpu_model  # noqa: E402
 from _reference import (  # noqa: E402
     exact_tokens,
     layer_stats,
@@ -257,16 +258,6 @@ def run_test_cases() -> list[dict]:
     return out
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--test-cases", action="store_true", help="also measure the token sets of tests/test_metric.py")
@@ -280,7 +271,7 @@ def main() -> None:
         commit = ""
     result = {
         "command": "python benchmarks/mpmath_reference.py" + (" --test-cases" if args.test_cases else ""),
-        "mpmath_dps": DPS, "commit": commit, "machine": cpu_name(),
+        "mpmath_dps": DPS, "commit": commit, "machine": cpu_model(),
         "versions": {"numpy": np.__version__, "scipy": scipy.__version__, "torch": torch.__version__,
                      "mpmath": mpmath.__version__},
         "cases": run_cases(),

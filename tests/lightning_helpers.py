@@ -57,12 +57,15 @@ def official_masks(batch):
 
 
 @torch.no_grad()
-def reference_for(module, batches, sigma=3.0, layers=None):
-    """MIR from output_hidden_states[1:] of ``module.model`` on ``batches`` (float64, numpy/scipy)."""
-    module.eval()
+@torch.no_grad()
+def reference_on(model, batches, sigma=3.0, layers=None):
+    """``reference_mir`` (float64) of ``output_hidden_states[1:]`` of a Hugging Face ``model`` on
+    ``batches``, with masks built independently of the package; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
     vis, txt = None, None
     for batch in batches:
-        hidden = module.model(**batch, output_hidden_states=True).hidden_states[1:]
+        hidden = model(**batch, output_hidden_states=True).hidden_states[1:]
         if layers is not None:
             hidden = [hidden[i] for i in layers]
         v, t = official_masks(batch)
@@ -71,7 +74,14 @@ def reference_for(module, batches, sigma=3.0, layers=None):
         for k, h in enumerate(hidden):
             vis[k].append(h[v].double())
             txt[k].append(h[t].double())
+    model.train(was_training)
     return reference_mir([torch.cat(x) for x in vis], [torch.cat(x) for x in txt], sigma)
+
+
+def reference_for(module, batches, sigma=3.0, layers=None):
+    """:func:`reference_on` of ``module.model`` (the LightningModule is left in eval mode)."""
+    module.eval()
+    return reference_on(module.model, batches, sigma, layers)
 
 
 def read_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_helpers import make_batches, official_masks
+from lightning_helpers import make_batches, official_masks, reference_on
 from reference import reference_mir
 from vlm_factory import IMAGE_TOKEN_ID, make_tiny_vlm
 from mir_lightning import MIRCallback, MIRProbe, MIRResult
@@ -34,24 +34,9 @@ def capture_hooks(model: nn.Module) -> list:
     return [h for m in model.modules() for h in m._forward_hooks.values() if "LayerCapture" in h.__qualname__]
 
 
-@torch.no_grad()
 def reference(model, batches, layers=None):
     """(MIR, per-layer FD, token counts) from ``output_hidden_states[1:]`` and independent masks."""
-    was_training = model.training
-    model.eval()
-    vis, txt = None, None
-    for batch in batches:
-        hidden = model(**batch, output_hidden_states=True).hidden_states[1:]
-        if layers is not None:
-            hidden = [hidden[i] for i in layers]
-        v, t = official_masks(batch)
-        if vis is None:
-            vis, txt = [[] for _ in hidden], [[] for _ in hidden]
-        for k, h in enumerate(hidden):
-            vis[k].append(h[v].double())
-            txt[k].append(h[t].double())
-    model.train(was_training)
-    mir, fd, terms = reference_mir([torch.cat(x) for x in vis], [torch.cat(x) for x in txt])
+    mir, fd, terms = reference_on(model, batches, layers=layers)
     return mir, fd, (terms[0]["n_vision"], terms[0]["n_text"])
 
 
