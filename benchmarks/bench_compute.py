@@ -53,7 +53,7 @@ def fd_scipy(mu_v: np.ndarray, s_v: np.ndarray, mu_t: np.ndarray, s_t: np.ndarra
 
 
 def fd_official_fast(mu_v, s_v, mu_t, s_t, steps: int = 5) -> float:
-    """The official "fast" mode (MIR.md): Y = A, Z = I, then Y <- (Y + Z^-1 A)/2,
+    """The official "fast" mode (docs/spec.md): Y = A, Z = I, then Y <- (Y + Z^-1 A)/2,
     Z <- (Z + Y^-1 A)/2, ``steps`` times; A = S_V S_T. Y = A, Z = I is a fixed point."""
     a = s_v @ s_t
     y, z = a, torch.eye(a.shape[0], dtype=a.dtype)

@@ -392,7 +392,8 @@ def hf_trainer_fsdp_row(dev: torch.device, sc, batches, mir_same: float) -> list
     except Exception as err:
         return [name, f"raised {type(err).__name__}: {str(err)[:120]}", expected, "FAIL"]
     diff = abs(mir - mir_same)
-    status = "ok" if diff <= MIR_TOL_SAME and "FullyShardedDataParallel" in wrapper else (
+    sharded = "FullyShardedDataParallel" in wrapper or wrapper.startswith("FSDP")  # FSDP1 or FSDP2 class
+    status = "ok" if diff <= MIR_TOL_SAME and sharded else (
         "MISMATCH" if diff > MIR_TOL_SAME else "no FSDP")
     return [name, f"|dMIR| {diff:.1e}, wrapper {wrapper}", expected, status]
 
