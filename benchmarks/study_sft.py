@@ -320,6 +320,7 @@ def sft_one(parts: Any, spec: Any, steps: int, batch_size: int, recipe: SFTRecip
     if models_dir is not None:
         models_dir.mkdir(parents=True, exist_ok=True)
         torch.save(trainable_state(model), models_dir / f"{spec.name}.pt")
+        torch.save(projector_state, models_dir / f"{spec.name}_pretrained.pt")
     return {
         "spec": asdict(spec),
         "pre": {k: float(final.get(k, math.nan)) for k in PRE_COLUMNS},
@@ -513,9 +514,9 @@ def parse_args(argv=None):
                                                 "quick: main_s0,lr3e-4,lr3e-2)")
     p.add_argument("--probe", type=int, default=None, help="held-out probe = SFT evaluation images (default 100; tiny 40)")
     p.add_argument("--batch-size", type=int, default=None, help="pre-training batch (the study's: 12; tiny 8)")
-    p.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default 150; quick 6)")
+    p.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default 150; quick 40)")
     p.add_argument("--sft-batch-size", type=int, default=None, help="SFT batch (default 12; tiny 8)")
-    p.add_argument("--sft-lr", type=float, default=SFTRecipe.lr, help="SFT AdamW learning rate")
+    p.add_argument("--sft-lr", type=float, default=None, help=f"SFT AdamW learning rate (default {SFTRecipe.lr:g}; quick 1e-2)")
     p.add_argument("--lora-r", type=int, default=SFTRecipe.lora_r, help="LoRA rank")
     p.add_argument("--boot", type=int, default=None, help="bootstrap resamples (default 2000; quick 300)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -529,7 +530,8 @@ def parse_args(argv=None):
     a.steps = a.steps or (4 if q else (20 if t else 78))
     a.probe = a.probe or (40 if t else 100)
     a.batch_size = a.batch_size or (8 if t else 12)
-    a.sft_steps = a.sft_steps or (6 if q else 150)
+    a.sft_steps = a.sft_steps or (40 if q else 150)
+    a.sft_lr = a.sft_lr or (1e-2 if q else SFTRecipe.lr)
     a.sft_batch_size = a.sft_batch_size or (8 if t else 12)
     a.boot = a.boot or (300 if q else 2000)
     if a.runs is None and q:
