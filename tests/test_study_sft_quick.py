@@ -65,7 +65,7 @@ def _greedy_accuracy(model, tok, features, labels, eos: int, max_new: int = 4) -
     return acc
 
 
-def test_quick_sft_study_numbers_come_from_the_run(tmp_path):
+def test_quick_sft_study_numbers_come_from_the_run(tmp_path, capsys):
     sft = _load()
     out = tmp_path / "sft"
     threads = torch.get_num_threads()
@@ -73,6 +73,9 @@ def test_quick_sft_study_numbers_come_from_the_run(tmp_path):
         results = sft.main(["--quick", "--out", str(out), "--boot", "200"])
     finally:
         torch.set_num_threads(threads)
+
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[sft] ") and "/3 " in line]
+    assert [line.split()[1] for line in progress] == ["1/3", "2/3", "3/3"]  # one progress line per run
 
     saved = json.loads((out / "results.json").read_text())
     cfg, runs = saved["config"], saved["runs"]
