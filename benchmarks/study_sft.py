@@ -393,6 +393,8 @@ def readme_section(results: dict) -> str:
     lines = ["## Does pre-training MIR predict quality after SFT?", ""]
     if cfg["tiny"] or cfg["quick"]:
         lines += ["**Smoke test only** (random tiny parts or a few steps): these numbers say nothing about MIR.", ""]
+    elif len(runs) < 5:
+        lines += [f"**Smoke run only** ({len(runs)} runs): too few for a correlation to mean anything.", ""]
     lines += [
         f"Every pre-training run of `benchmarks/study_mir_quality.py` ({len(runs)} runs, {cfg['steps']} steps each) "
         f"got the same LLaVA-style SFT: projector + LoRA (r {cfg['recipe']['lora_r']}) on {cfg['parts']}, "
