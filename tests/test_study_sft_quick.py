@@ -115,7 +115,8 @@ def test_quick_sft_study_numbers_come_from_the_run(tmp_path, capsys):
             pre_model = parts.model(projector=r["spec"]["projector"], use_kv_cache=False)
             pre_model.projector.load_state_dict(pre_state)
             mir_pre, _, _ = lvlm_reference(pre_model, probe_loader)
-            # measured |difference| ~1e-13 (both float64 over the same fp32 hidden states, exact median)
+            # measured |difference| <= 5e-14 before and after SFT (both float64 over the same fp32 hidden
+            # states, exact outlier median: median_buffer 1024 > 360 tokens); 1e-9 leaves a wide margin
             assert abs(r["pre"]["mir"] - mir_pre) < 1e-9, r["spec"]["name"]
 
             model = sft.build_sft_model(parts, r["spec"]["projector"], pre_state, recipe, tok)
