@@ -481,6 +481,7 @@ class LVLM(nn.Module):
         self.register_buffer("prefix_ids", torch.tensor(list(prefix_ids)), persistent=False)
         self._prefix_kv: list[tuple[Tensor, Tensor]] | None = None
         self._cache_kw = _cache_kwarg(llm)
+        self._decoder_vision_mask: Tensor | None = None  # what MoCa reads during a forward
 
     def train(self, mode: bool = True) -> "LVLM":
         super().train(mode)
@@ -488,8 +489,37 @@ class LVLM(nn.Module):
         return self
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The projector's weights (what a checkpoint needs)."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith("projector.")}
+        """The projector's weights, and MoCa's when attached (what a checkpoint needs)."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith("projector.") or ".moca." in k}
+
+    @property
+    def moca(self) -> Any:
+        """The attached MoCa (:meth:`attach_moca`), else None."""
+        return getattr(self.llm.get_decoder(), "moca", None)
+
+    def attach_moca(self) -> Any:
+        """Attach MoCa (``mir_lightning.moca``, arXiv 2410.07167) to the LLM's decoder: a per-layer
+        scale [L, D] and shift [L, D] of the vision tokens at the end of every decoder layer, trained
+        with the projector (attach before building the optimizer). It lives in the decoder module
+        (``llm.model.moca``; also :attr:`moca`), whose forward this model calls.
+
+        Vision positions are the batch's ``vision_mask`` (the part the decoder runs on); the
+        text-only prefix of cached-prefix training has none.
+        """
+        from mir_lightning.moca import MoCa
+
+        def vision_mask(inputs: dict[str, Any]) -> Tensor:
+            if inputs.get("inputs_embeds") is None:  # token ids only: the fixed text prefix
+                ids = inputs["input_ids"]
+                return torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+            mask = self._decoder_vision_mask
+            if mask is None or tuple(mask.shape) != tuple(inputs["inputs_embeds"].shape[:2]):
+                raise RuntimeError("MoCa on an LVLM: call the LVLM (model(**batch)), not its decoder directly")
+            return mask
+
+        decoder = self.llm.get_decoder()
+        return MoCa.attach(decoder, layers=list(decoder.layers), vision_mask=vision_mask,
+                           hidden_size=self.llm.config.hidden_size)
 
     # -- forwards
     def embed(self, input_ids: Tensor, image_features: Tensor, vision_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -515,14 +545,20 @@ class LVLM(nn.Module):
         emb, img = self.embed(input_ids, image_features, vision_mask)
         decoder = self.llm.get_decoder()
         start = 0
-        if self.training and self.use_kv_cache:
-            start = len(self.prefix_ids)
-            if not torch.equal(input_ids[:, :start], self.prefix_ids.expand(len(input_ids), -1)):
-                raise ValueError("batch does not start with the fixed prefix")
-            out = decoder(inputs_embeds=emb[:, start:], attention_mask=attention_mask, use_cache=True,
-                          **{self._cache_kw: self._prefix_cache(len(input_ids))})
-        else:
-            out = decoder(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False)
+        try:
+            if self.training and self.use_kv_cache:
+                start = len(self.prefix_ids)
+                if not torch.equal(input_ids[:, :start], self.prefix_ids.expand(len(input_ids), -1)):
+                    raise ValueError("batch does not start with the fixed prefix")
+                cache = self._prefix_cache(len(input_ids))
+                self._decoder_vision_mask = vision_mask[:, start:]
+                out = decoder(inputs_embeds=emb[:, start:], attention_mask=attention_mask, use_cache=True,
+                              **{self._cache_kw: cache})
+            else:
+                self._decoder_vision_mask = vision_mask
+                out = decoder(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False)
+        finally:
+            self._decoder_vision_mask = None
         hidden = out.last_hidden_state
         loss = None if targets is None else self.caption_loss(hidden, targets[:, start:])
         return LVLMOutput(loss=loss, hidden=hidden, image_tokens=img, embeddings=emb)

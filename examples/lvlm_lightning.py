@@ -69,8 +69,14 @@ class LVLMPretrainer(L.LightningModule):
                      batch_size=bs)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        """AdamW over the trainable parameters; a parameter with an ``lr_scale`` attribute (e.g. an
+        unlocked LLM weight) trains at ``lr * lr_scale``."""
+        groups: dict[float, list[torch.nn.Parameter]] = {}
+        for p in self.parameters():
+            if p.requires_grad:
+                groups.setdefault(float(getattr(p, "lr_scale", 1.0)), []).append(p)
+        return torch.optim.AdamW([{"params": ps, "lr": self.hparams.lr * scale} for scale, ps in groups.items()],
+                                 lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
 
 class ValidationHistory(L.Callback):

