@@ -148,8 +148,8 @@ class Route:
 def routes_for(case: Case, slow_layers: int, mid_layers: int) -> dict[str, Route]:
     L = case.layers
     r64, o32 = case.ref64, case.off32
-    np64 = [{k: v.numpy() for k, v in r.items()} for r in r64]
-    np32 = [{k: v.numpy() for k, v in r.items()} for r in o32]
+    np64 = [{k: v.numpy() for k, v in r.items() if torch.is_tensor(v)} for r in r64]
+    np32 = [{k: v.numpy() for k, v in r.items() if torch.is_tensor(v)} for r in o32]
 
     def args(stats, k):
         s = stats[k]
