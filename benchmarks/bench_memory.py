@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -75,18 +76,26 @@ def verify_formula() -> list[list[object]]:
 
 
 # --------------------------------------------------------------------------- child process
-def child(D: int, layers: int, dtype_name: str) -> None:
-    C.setup(2)
+def child(D: int, layers: int, dtype_name: str, rank: int = 0, world: int = 1) -> None:
+    """Feed a metric (this rank's share of the tokens when ``world`` > 1, gloo on localhost) and
+    print one JSON line with its RSS before and the high-water mark during ``compute()``."""
+    C.setup(1 if world > 1 else 2)
     warnings.simplefilter("ignore")
+    if world > 1:
+        import datetime
+
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     dtype = F64 if dtype_name == "float64" else F32
     metric = ModalityIntegrationRate(layers, D, state_dtype=dtype)
     model = C.SyntheticLLM(D, seed=1)
     nv, nt = max(int(1.25 * D), 768), max(int(1.5 * D), 1024)
     for k in range(layers):
-        v, t = model.tokens("vision", nv, k), model.tokens("text", nt, k)
+        v, t = model.tokens("vision", nv, k)[rank::world], model.tokens("text", nt, k)[rank::world]
         hidden = torch.cat([v, t])[None]
-        vm = torch.zeros(1, nv + nt, dtype=torch.bool)
-        vm[0, :nv] = True
+        vm = torch.zeros(1, hidden.shape[1], dtype=torch.bool)
+        vm[0, : v.shape[0]] = True
         metric.update_layer(k, hidden, vm, ~vm)
         del v, t, hidden
     del model
@@ -114,10 +123,18 @@ def child(D: int, layers: int, dtype_name: str) -> None:
                           hwm=hwm, hwm_reset=reset_ok, peak_sampled=peak_sampled[0], seconds=seconds, mir=mir)))
 
 
-def measure_peak(D: int, layers: int, dtype_name: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", str(D), str(layers), dtype_name],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def measure_peak(D: int, layers: int, dtype_name: str, world: int = 1) -> list[dict]:
+    """Peak of ``compute()`` in fresh processes: one, or ``world`` gloo ranks (one dict each)."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    procs = [subprocess.Popen([sys.executable, __file__, "--child", str(D), str(layers), dtype_name, str(rank), str(world)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in range(world)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        if proc.returncode:
+            raise RuntimeError(f"child failed: {err[-2000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
 
 
 # --------------------------------------------------------------------------- main
@@ -132,10 +149,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--peak", type=int, nargs=2, default=None, metavar=("D", "LAYERS"))
     ap.add_argument("--tokens", type=int, default=700, help="tokens per sample the official script keeps (from the image on)")
-    ap.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--world", type=int, default=1, help="also measure compute()'s peak per rank on this many gloo ranks")
+    ap.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        child(int(a.child[0]), int(a.child[1]), a.child[2])
+        child(int(a.child[0]), int(a.child[1]), a.child[2], int(a.child[3]), int(a.child[4]))
         return
     C.setup(2)
     warnings.simplefilter("ignore")
@@ -150,13 +168,23 @@ def main() -> None:
     print(f"\n## 2. compute() peak memory (fresh subprocess per row, D={D} x {L} layers)")
     rows = []
     for dtype_name in ("float64", "float32"):
-        r = measure_peak(D, L, dtype_name)
+        r = measure_peak(D, L, dtype_name)[0]
         extra = r["hwm"] - r["rss_before"]
         rows.append([dtype_name, f"{r['formula'] / MiB:.1f}", f"{r['held'] / MiB:.1f}", f"{r['rss_before'] / MiB:.1f}",
                      f"{extra / MiB:.1f}", extra / r["held"], f"{(r['peak_sampled'] - r['rss_before']) / MiB:.1f}",
                      f"{r['seconds']:.2f}", "yes" if r["hwm_reset"] else "NO (VmHWM is the process peak)"])
     print(C.table(["state", "formula MiB", "held MiB", "RSS before compute MiB", "peak extra in compute MiB",
                    "peak extra / state", "sampled peak extra MiB", "compute s", "HWM reset"], rows))
+
+    if a.world > 1:
+        print(f"\n## 2b. compute() peak memory per rank on {a.world} gloo ranks (each fed 1/{a.world} of the tokens; "
+              f"layer-sharded merge), D={D} x {L} layers, float64")
+        rows = []
+        for r_ in measure_peak(D, L, "float64", a.world):
+            extra = r_["hwm"] - r_["rss_before"]
+            rows.append([len(rows), f"{r_['held'] / MiB:.1f}", f"{extra / MiB:.1f}", extra / r_["held"],
+                         f"{r_['seconds']:.2f}", "yes" if r_["hwm_reset"] else "NO"])
+        print(C.table(["rank", "held MiB", "peak extra in compute MiB", "peak extra / state", "compute s", "HWM reset"], rows))
 
     print(f"\n## 3. State vs the official script's host memory (formula; official: (layers+1) x {a.tokens:,} tokens x D x N x 2 B fp16)")
     rows = []
