@@ -175,7 +175,7 @@ class MIRCallback(Callback):
             return
         self._running = False
         if self.probe is not None:
-            result = self._quietly(lambda: self.probe.run(self._probe_model(trainer, pl_module)))
+            result = self._run_probe(trainer, pl_module)
         else:
             result = self._quietly(lambda: self.measurement.finish(self._forwards))
         self._publish(trainer, result)
@@ -187,12 +187,15 @@ class MIRCallback(Callback):
         n, step = self.every_n_train_steps, trainer.global_step
         if n is None or step == 0 or step % n or step <= self._last_step():
             return  # (several micro-batches share a step under gradient accumulation)
-        self._publish(trainer, self._quietly(lambda: self.probe.run(self._probe_model(trainer, pl_module))))
+        self._publish(trainer, self._run_probe(trainer, pl_module))
         from mir_lightning.early_stopping import MIREarlyStopping
 
         for stopper in trainer.callbacks:  # decide at this step, whichever callback comes first
             if isinstance(stopper, MIREarlyStopping) and stopper.monitor == self.name:
                 stopper.check_step_measurement(trainer)
+
+    def _run_probe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> MIRResult:
+        return self._quietly(lambda: self.probe.run(self._probe_model(trainer, pl_module)))
 
     def _probe_model(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> nn.Module:
         """What the probe's forwards go through: Lightning's root FSDP1 wrapper when the strategy
@@ -255,14 +258,11 @@ class MIRCallback(Callback):
         if not loggers:
             return
         try:
-            from mir_lightning.plotting import history_heatmap, per_layer_figure
+            from mir_lightning.plotting import measurement_figures
             import matplotlib.pyplot as plt
         except ImportError:
             return
-        complete = [h for h in self.history if "fd" in h]
-        figures = {f"{self.name}/per_layer": per_layer_figure({k: v.tolist() for k, v in stats.items()}, f"step {step}")}
-        if complete:
-            figures[f"{self.name}/history"] = history_heatmap([h["step"] for h in complete], [h["fd"] for h in complete])
+        figures = measurement_figures(self.name, step, {k: v.tolist() for k, v in stats.items()}, self.history)
         for logger in loggers:
             for tag, fig in figures.items():
                 logger.experiment.add_figure(tag, fig, global_step=step, close=False)

@@ -78,3 +78,16 @@ def history_heatmap(steps: Sequence[int], per_layer_fd: Sequence[Sequence[float]
     fig.colorbar(image, ax=ax, label="log10 FD")
     fig.tight_layout()
     return fig
+
+
+def measurement_figures(name: str, step: int, stats: Mapping[str, Sequence[float]],
+                        history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The figures the adapters write to TensorBoard for one measurement: ``{name}/per_layer``
+    (:func:`per_layer_figure` of ``stats`` at ``step``) and ``{name}/history`` (the layer x step
+    heatmap of the entries of ``history`` (dicts with ``step`` and per-layer ``fd``) that have as
+    many layers as ``stats``), the latter only when there is such an entry."""
+    figures = {f"{name}/per_layer": per_layer_figure(stats, f"step {step}")}
+    complete = [h for h in history if h.get("fd") and len(h["fd"]) == len(stats["fd"])]
+    if complete:
+        figures[f"{name}/history"] = history_heatmap([h["step"] for h in complete], [h["fd"] for h in complete])
+    return figures

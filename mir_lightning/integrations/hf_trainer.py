@@ -256,12 +256,9 @@ class MIRTrainerCallback(TrainerCallback):
         if writer is None:
             return
         try:
-            from mir_lightning.plotting import history_heatmap, per_layer_figure
+            from mir_lightning.plotting import measurement_figures
 
-            figures = {f"{MIR_KEY}/per_layer": per_layer_figure(entry, f"step {step}")}
-            complete = [h for h in self.history if h.get("fd") and len(h["fd"]) == len(entry["fd"])]
-            figures[f"{MIR_KEY}/history"] = history_heatmap([h["step"] for h in complete], [h["fd"] for h in complete])
-            for tag, figure in figures.items():
+            for tag, figure in measurement_figures(MIR_KEY, step, entry, self.history).items():
                 writer.add_figure(tag, figure, global_step=step, close=True)
             writer.flush()
         except Exception as err:  # figures are a bonus: never stop training for them
