@@ -247,8 +247,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--larger-llm", action="store_true",
                    help="Table 7 only: train the recorded baseline setting with Gemma-3 270M and add its row to "
                         "--out's results.json / RESULTS.md (steps, seeds, batch, probe from that results.json)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="--larger-llm: run the seeds in this many processes (each loads the LLM, --threads each)")
     a = p.parse_args(argv)
-    if a.larger_llm:  # the settings are the recorded study's; only --out, --threads (and --quick's out) apply
+    if a.workers < 1:
+        p.error("--workers must be >= 1")
+    if a.larger_llm:  # the settings are the recorded study's; only --out, --threads, --workers apply
         a.out = a.out or str(REPO / "runs" / "claims_quick" if a.quick else DEFAULT_OUT)
         return a
     if not a.tiny and not lvlm.real_parts_available():
@@ -415,6 +419,27 @@ def larger_llm_row(base_runs: list[dict], llm_runs: list[dict], steps: int, n_bo
     return row
 
 
+def larger_llm_runs(cfg: dict, specs: list[ClaimSpec], base_runs: list[dict], threads: int,
+                    t_start: float) -> list[tuple[str, dict]]:
+    """Load the parts with Gemma-3 270M and train ``specs`` (one process; ``--workers`` starts
+    several). Returns (run name, run) pairs and ("parts", {description, llm_load_s})."""
+    torch.set_num_threads(threads)
+    parts, _, _ = load_parts(cfg["tiny"], cfg["probe"], cfg["pool"], lm=LARGER_LLM)
+    print(f"[claims] Table 7 parts: {parts.description} (data {parts.timings['data_s']:.0f}s, LLM "
+          f"{parts.timings['llm_load_s']:.0f}s)", flush=True)
+    steps, base = cfg["steps"], {b["spec"]["seed"]: b for b in base_runs}
+    out = [("parts", {"description": parts.description, "llm_load_s": parts.timings["llm_load_s"]})]
+    for spec in specs:
+        res = study.run_one(parts, spec, steps, steps, cfg["batch_size"])
+        out.append((spec.name, res))
+        f, b = study.final_row(res, steps), study.final_row(base[spec.seed], steps)
+        print(f"[claims] Table 7 {spec.name}: {res['wall_s']:.0f}s ({res['train_step_s']:.2f} s/step, "
+              f"{res['validation_s']:.0f} s/validation), step {steps}: MIR {f['mir']:.3f} (baseline {b['mir']:.3f}), "
+              f"acc {f['acc']:.2f} ({b['acc']:.2f}), caption loss {f['caption_loss']:.3f} ({b['caption_loss']:.3f}) "
+              f"| elapsed {(time.time() - t_start) / 60:.1f} min", flush=True)
+    return out
+
+
 def run_larger_llm(args: argparse.Namespace, argv: list[str] | None) -> dict:
     """``--larger-llm``: train the recorded baseline setting with Gemma-3 270M (same steps, seeds,
     batch, probe, split) and add Table 7 to ``--out``'s results.json and RESULTS.md."""
@@ -427,31 +452,33 @@ def run_larger_llm(args: argparse.Namespace, argv: list[str] | None) -> dict:
     cfg = results["config"]
     if not cfg["tiny"] and not lvlm.second_lm_available():
         raise SystemExit(f"--larger-llm needs Gemma-3 270M: {lvlm.GEMMA_HINT}")
+    if args.steps is not None and args.steps != cfg["steps"]:
+        raise SystemExit(f"--larger-llm trains the recorded {cfg['steps']} steps of {path}, not --steps {args.steps}")
     t_start = time.time()
-    torch.set_num_threads(args.threads)
-    parts, _, _ = load_parts(cfg["tiny"], cfg["probe"], cfg["pool"], lm=LARGER_LLM)
-    print(f"[claims] Table 7 parts: {parts.description} (data {parts.timings['data_s']:.0f}s, LLM "
-          f"{parts.timings['llm_load_s']:.0f}s)", flush=True)
-    base_runs, steps = results["runs"]["baseline"], cfg["steps"]
-    llm_runs = []
-    for i, base in enumerate(base_runs):  # the baseline's own spec (lr, projector, seed...), with another LLM
-        spec = ClaimSpec(**{**base["spec"], "name": f"{LARGER_LLM}_s{base['spec']['seed']}", "label": LARGER_LLM,
-                            "main": False})
-        res = study.run_one(parts, spec, steps, steps, cfg["batch_size"])
-        llm_runs.append(res)
-        f, b = study.final_row(res, steps), study.final_row(base, steps)
-        print(f"[claims] Table 7 {i + 1}/{len(base_runs)} {spec.name}: {res['wall_s']:.0f}s "
-              f"({res['train_step_s']:.2f} s/step, {res['validation_s']:.0f} s/validation), step {steps}: MIR "
-              f"{f['mir']:.3f} (baseline {b['mir']:.3f}), acc {f['acc']:.2f} ({b['acc']:.2f}), caption loss "
-              f"{f['caption_loss']:.3f} ({b['caption_loss']:.3f}) | elapsed {(time.time() - t_start) / 60:.1f} min",
-              flush=True)
-    row = larger_llm_row(base_runs, llm_runs, steps, cfg["boot"], cfg["tiny"])
+    base_runs = results["runs"]["baseline"]
+    # the baseline's own specs (lr, projector, seed...), with another LLM
+    specs = [ClaimSpec(**{**b["spec"], "name": f"{LARGER_LLM}_s{b['spec']['seed']}", "label": LARGER_LLM,
+                          "main": False}) for b in base_runs]
+    jobs = [specs[w::args.workers] for w in range(min(args.workers, len(specs)))]
+    if len(jobs) == 1:
+        done = larger_llm_runs(cfg, specs, base_runs, args.threads, t_start)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(larger_llm_runs, cfg, job, base_runs, args.threads, t_start) for job in jobs]
+            done = [(name, res) for f in futures for name, res in f.result()]
+    by_name = dict(done)
+    llm_runs = [by_name[s.name] for s in specs]
+    row = larger_llm_row(base_runs, llm_runs, cfg["steps"], cfg["boot"], cfg["tiny"])
     argv_s = " ".join(argv) if argv is not None else " ".join(sys.argv[1:])
     results["runs"][LARGER_LLM] = llm_runs
     results["claims"] = [r for r in results["claims"] if r["key"] != row["key"]] + [row]
     results["larger_llm"] = {"command": f"python benchmarks/study_paper_claims.py {argv_s}".strip(),
-                             "parts": parts.description, "llm_load_s": parts.timings["llm_load_s"],
-                             "threads": args.threads, "machine": study.machine_line(args.threads),
+                             "parts": by_name["parts"]["description"], "llm_load_s": by_name["parts"]["llm_load_s"],
+                             "threads": args.threads, "workers": len(jobs),
+                             "machine": study.machine_line(args.threads),
                              "wall_s": time.time() - t_start, "caveat": LARGER_LLM_CAVEAT}
     results["figures"] = make_figures(results, out)
     path.write_text(json.dumps(results, indent=1))
