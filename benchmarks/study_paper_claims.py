@@ -463,6 +463,8 @@ def run_larger_llm(args: argparse.Namespace, argv: list[str] | None) -> dict:
     specs = [ClaimSpec(**{**b["spec"], "name": f"{LARGER_LLM}_s{b['spec']['seed']}", "label": LARGER_LLM,
                           "main": False}) for b in base_runs]
     jobs = [specs[w::args.workers] for w in range(min(args.workers, len(specs)))]
+    if not cfg["tiny"]:
+        lvlm.gemma_gguf()  # join the GGUF's parts once, before any worker loads it
     if len(jobs) == 1:
         done = larger_llm_runs(cfg, specs, base_runs, args.threads, t_start)
     else:

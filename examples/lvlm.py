@@ -118,7 +118,7 @@ def gemma_gguf(cache_dir: str | None = DEFAULT_CACHE) -> Path:
     if target.is_file() and _sha256(target) == expected:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # processes joining at once do not mix
     with partial.open("wb") as out:
         for chunk in chunks:
             with chunk.open("rb") as f:
