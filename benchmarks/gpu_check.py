@@ -1,7 +1,7 @@
 """GPU check: compute() at D=4096 x 32 layers and update() throughput against the bare
 masked X^T X product on one CUDA device, then the scale checks of issue 12 (step 5). Steps
 1-4 take < 3 minutes on an H100-class GPU; the whole script is meant to end in < 8 minutes
-(not yet run on a GPU).
+(67 s on an H200; table in benchmarks/RESULTS.md).
 
     python benchmarks/gpu_check.py                     # CUDA, D=4096 x 32 layers
     python benchmarks/gpu_check.py --device cpu --quick    # CPU smoke run, D=1024 x 4 layers

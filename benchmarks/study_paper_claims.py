@@ -33,10 +33,8 @@ Claims (paper table: expected direction):
 * The plateau claim: where MIR's plateau fell relative to the accuracy plateau
   (``mir_lightning.plateau``), over the baseline's seeds.
 
-    python benchmarks/study_paper_claims.py            # the full run (real parts): about 65 min on 2
-                                                       # shared cores (estimated from a 4-step smoke run:
-                                                       # 1.4 s/step projector only, 2.3-2.6 s/step with LoRA
-                                                       # or 4 unlocked layers, ~14 s/validation)
+    python benchmarks/study_paper_claims.py            # the full run (real parts): 53.7 min on 2
+                                                       # cores with another study running beside it
     python benchmarks/study_paper_claims.py --quick    # tiny parts, a handful of steps (test suite)
     python benchmarks/study_paper_claims.py --larger-llm   # Table 7, after the full run (same --out):
                                                        # about 7 min on 2 shared cores (measured, 1 thread: Gemma
