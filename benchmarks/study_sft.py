@@ -155,20 +155,10 @@ class SFTCollate:
         self.layout = layout
 
     def __call__(self, items: Sequence[tuple[Tensor, int, int, int]]) -> dict[str, Tensor]:
-        seqs = [self.layout.sample(TASKS[t], p, d) for _, d, t, p in items]
-        B, T = len(items), max(len(ids) for ids, _ in seqs)
-        input_ids = torch.full((B, T), self.layout.tok.pad_id, dtype=torch.long)
-        kind = torch.full((B, T), -1, dtype=torch.long)
-        for b, (ids, k) in enumerate(seqs):
-            input_ids[b, :len(ids)] = torch.tensor(ids)
-            kind[b, :len(k)] = torch.tensor(k)
-        answer = kind == 3
-        targets = torch.full((B, T), -100, dtype=torch.long)
-        targets[:, :-1] = torch.where(answer[:, 1:], input_ids[:, 1:], torch.full_like(input_ids[:, 1:], -100))
-        return {"input_ids": input_ids, "attention_mask": (kind >= 0).long(),
-                "image_features": torch.stack([f for f, *_ in items]), "vision_mask": kind == 1,
-                "text_mask": (kind == 2) | (kind == 3), "targets": targets,
-                "task": torch.tensor([t for _, _, t, _ in items]), "digit": torch.tensor([d for _, d, _, _ in items])}
+        batch, _ = lvlm.padded_batch([self.layout.sample(TASKS[t], p, d) for _, d, t, p in items],
+                                     self.layout.tok.pad_id, torch.stack([f for f, *_ in items]))
+        return {**batch, "task": torch.tensor([t for _, _, t, _ in items]),
+                "digit": torch.tensor([d for _, d, _, _ in items])}
 
 
 # ----------------------------------------------------------------------------- the SFT model

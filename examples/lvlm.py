@@ -405,26 +405,30 @@ class Collate:
     def __call__(self, items: Sequence[tuple[Tensor, int]]) -> dict[str, Tensor]:
         feats = torch.stack([f for f, _ in items])
         digits = torch.tensor([d for _, d in items])
-        seqs = [self.layout.sample(d) for _, d in items]
-        B, T = len(items), max(len(ids) for ids, _ in seqs)
-        input_ids = torch.full((B, T), self.layout.tok.pad_id, dtype=torch.long)
-        kind = torch.full((B, T), -1, dtype=torch.long)  # -1 = padding
-        for b, (ids, k) in enumerate(seqs):
-            input_ids[b, :len(ids)] = torch.tensor(ids)
-            kind[b, :len(k)] = torch.tensor(k)
-        caption = kind == 3
-        targets = torch.full((B, T), -100, dtype=torch.long)
-        targets[:, :-1] = torch.where(caption[:, 1:], input_ids[:, 1:], torch.full_like(input_ids[:, 1:], -100))
-        return {
-            "input_ids": input_ids,
-            "attention_mask": (kind >= 0).long(),
-            "image_features": feats,
-            "vision_mask": kind == 1,
-            "text_mask": (kind == 2) | (kind == 3),
-            "targets": targets,
-            "digit_pos": caption.float().argmax(1) + self.layout.digit_offset - 1,
-            "digit": digits,
-        }
+        batch, kind = padded_batch([self.layout.sample(d) for _, d in items], self.layout.tok.pad_id, feats)
+        return {**batch, "digit_pos": (kind == 3).float().argmax(1) + self.layout.digit_offset - 1, "digit": digits}
+
+
+def padded_batch(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int,
+                 image_features: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """Right-padded model inputs from (token ids, kind per position) pairs (kinds as in
+    :meth:`Layout.sample`; kind 3 is the supervised answer) and the kind matrix [B, T] int64
+    (-1 = padding).
+
+    Keys: ``input_ids``/``attention_mask`` [B, T] int64, ``image_features`` as given,
+    ``vision_mask`` (kind 1) and ``text_mask`` (kinds 2 and 3) [B, T] bool, ``targets``
+    [B, T] (the next token where it is of kind 3, else -100).
+    """
+    B, T = len(seqs), max(len(ids) for ids, _ in seqs)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    kind = torch.full((B, T), -1, dtype=torch.long)
+    for b, (ids, k) in enumerate(seqs):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        kind[b, :len(k)] = torch.tensor(k)
+    targets = torch.full((B, T), -100, dtype=torch.long)
+    targets[:, :-1] = torch.where(kind[:, 1:] == 3, input_ids[:, 1:], torch.full_like(input_ids[:, 1:], -100))
+    return {"input_ids": input_ids, "attention_mask": (kind >= 0).long(), "image_features": image_features,
+            "vision_mask": kind == 1, "text_mask": (kind == 2) | (kind == 3), "targets": targets}, kind
 
 
 # ----------------------------------------------------------------------------- all parts
