@@ -119,12 +119,14 @@ def gemma_gguf(cache_dir: str | None = DEFAULT_CACHE) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # processes joining at once do not mix
+    digest = hashlib.sha256()  # hashed while joining: the 253 MB are read once
     with partial.open("wb") as out:
         for chunk in chunks:
             with chunk.open("rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     out.write(block)
-    if _sha256(partial) != expected:
+                    digest.update(block)
+    if digest.hexdigest() != expected:
         partial.unlink()
         raise RuntimeError(f"the joined {GEMMA_FILE} does not match its SHA-256 {expected}: reinstall the wheels")
     partial.replace(target)
