@@ -9,7 +9,7 @@ Public API:
 * :class:`MIREarlyStopping` -- stop Lightning pre-training when MIR has plateaued.
 * :class:`MIRPlateau` -- the plateau rule itself (shared by every adapter).
 * :class:`MoCa` -- the paper's modality calibration, attached to an unmodified HF VLM.
-* :mod:`mir_lightning.integrations.hf_trainer` -- ``MIRTrainerCallback`` for the HF Trainer.
+* :mod:`mir_lightning.adapters.hf_trainer` -- ``MIRTrainerCallback`` for the HF Trainer.
 * :func:`build_masks`, :func:`find_hidden_state_modules` -- vision/text masks from input
   ids, and the LLM's per-layer modules of a Hugging Face model.
 * :mod:`mir_lightning.functional` -- pure functions (``frechet_distance``,
@@ -32,13 +32,13 @@ __version__ = "0.1.0"
 
 # name -> module that defines it (imported on first access: Lightning, transformers are heavy)
 _LAZY = {
-    "MIRCallback": "mir_lightning.callback",
-    "MIREarlyStopping": "mir_lightning.early_stopping",
+    "MIRCallback": "mir_lightning.adapters.lightning",
+    "MIREarlyStopping": "mir_lightning.adapters.early_stopping",
     "MIRProbe": "mir_lightning.probe",
     "MIRResult": "mir_lightning.probe",
     "MoCa": "mir_lightning.moca",
-    "build_masks": "mir_lightning.integrations.transformers",
-    "find_hidden_state_modules": "mir_lightning.integrations.transformers",
+    "build_masks": "mir_lightning.models.transformers",
+    "find_hidden_state_modules": "mir_lightning.models.transformers",
 }
 
 __all__ = ["MIRPlateau", "ModalityIntegrationRate", "functional", *_LAZY]

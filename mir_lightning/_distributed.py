@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,25 @@ def rank(group: Any = None) -> int:
     if world_size(group) == 1:
         return 0
     return dist.get_rank(group)
+
+
+def rank_world(group: Any = None) -> tuple[int, int]:
+    """``(rank, world size)`` in ``group``; ``(0, 1)`` without torch.distributed."""
+    return rank(group), world_size(group)
+
+
+def collective_device(group: Any = None) -> torch.device:
+    """The device a collective of ``group`` runs on (the current CUDA device under NCCL)."""
+    if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_max(values: Sequence[float], group: Any = None) -> list[float]:
+    """Element-wise maximum of ``values`` over the ranks of ``group`` (one collective)."""
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=collective_device(group))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor.tolist()
 
 
 def all_reduce_sum(tensor: Tensor, group: Any = None) -> Tensor:

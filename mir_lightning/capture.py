@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from mir_lightning.integrations.transformers import (
+from mir_lightning.models.transformers import (
     TEXT_MODES,
     find_hidden_state_modules,
     find_image_token_id,
@@ -202,7 +202,7 @@ class MaskRule:
 
     1. ``masks(batch) -> (vision_mask, text_mask)`` when given;
     2. the batch's ``vision_mask`` / ``text_mask`` entries;
-    3. :func:`~mir_lightning.integrations.transformers.build_masks` on ``input_ids`` with
+    3. :func:`~mir_lightning.models.transformers.build_masks` on ``input_ids`` with
        ``image_token_id`` (and the batch's ``attention_mask``, and ``position_ids`` /
        ``cu_seqlens`` as sample boundaries of packed rows), text per ``text_tokens``.
     """

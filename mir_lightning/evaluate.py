@@ -246,7 +246,7 @@ def load_model_and_processor(model_dir: str, dtype: torch.dtype, device: torch.d
     """
     import transformers
 
-    from mir_lightning.integrations.transformers import find_image_token_id
+    from mir_lightning.models.transformers import find_image_token_id
 
     _check_model_dir(model_dir)
     try:

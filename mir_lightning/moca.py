@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from mir_lightning.capture import infer_hidden_size
-from mir_lightning.integrations.transformers import (
+from mir_lightning.models.transformers import (
     build_masks,
     find_decoder_layers,
     find_final_norm,

@@ -1,0 +1,285 @@
+"""``MIRCallback``: MIR of the LLM's hidden states in Lightning, at validation runs or every N training steps."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from mir_lightning.capture import LayersArg
+from mir_lightning.measurement import Measurement, MIRResult
+from mir_lightning.probe import MIRProbe
+
+
+class MIRCallback(Callback):
+    """Compute the Modality Integration Rate during training and log it.
+
+    Where it measures:
+
+    * by default, during each validation run (never the sanity check, never training
+      forwards): forward hooks on the LLM's layers feed a :class:`ModalityIntegrationRate`
+      layer by layer, so no run ever holds all hidden states;
+    * with ``probe_dataloader``: on that fixed probe set (the paper's protocol) at the end of
+      each validation run, through :class:`~mir_lightning.MIRProbe`;
+    * with ``probe_dataloader`` and ``every_n_train_steps=N``: on the probe set every N
+      optimizer steps during training, with or without a validation loop (and then not at
+      validation runs).
+
+    Every value is logged once per measurement, at ``trainer.global_step`` (the number of
+    optimizer steps taken; a resumed run continues the same numbering), straight to every
+    Lightning logger: ``name`` (default ``"mir"``) and per-layer values
+    ``{name}/{stat}/layer_{k:02d}`` (k: the model's layer id). The same keys are put in
+    ``trainer.callback_metrics``, where ``EarlyStopping``, ``MIREarlyStopping`` and
+    ``ModelCheckpoint`` read them (``trainer.validate`` does not return them: read
+    ``trainer.callback_metrics`` or :attr:`history`). On TensorBoard it also writes a
+    per-layer figure and a layer x step heatmap of the history (rank zero only). A failure
+    is a warning and a NaN value on every rank, never a crash.
+
+    Args:
+        layers: the modules whose outputs are the LLM's per-layer hidden states (a list,
+            or a function of the LightningModule returning one). Default: found
+            automatically for Hugging Face VLMs / causal LMs held by the LightningModule
+            (decoder layers, the last replaced by the final norm, i.e. ``hidden_states[1:]``).
+        masks: function of the batch returning ``(vision_mask, text_mask)`` bool ``[B, T]``.
+            Default: ``batch["vision_mask"]``/``batch["text_mask"]`` when present, else masks
+            built from ``batch["input_ids"]`` and the model's image-token id (per sample
+            when the batch holds ``position_ids`` or ``cu_seqlens`` of packed rows).
+        probe_dataloader: a fixed probe set measured instead of the validation batches.
+            Under DDP give every rank the same loader: batches are sharded across ranks
+            without repetition, every rank running the same number of forwards.
+        every_n_train_steps: measure the probe set every N optimizer steps during training
+            (needs ``probe_dataloader``); ``None``: at validation runs.
+        probe_step: how to run the model on a probe batch: ``probe_step(pl_module, batch)``.
+            Default: ``pl_module(batch)``.
+        source: ``"hooks"`` (default) or ``"step_output"``: read ``hidden_states`` (a
+            ``[L, B, T, D]`` tensor or list of ``[B, T, D]``), ``vision_mask``, ``text_mask``
+            from the dict returned by ``validation_step`` (for models that insert image
+            tokens inside ``forward``, as the original LLaVA code does).
+        layer_indices: track only these layers (indices or a slice such as
+            ``slice(None, None, 2)``): the metric's memory scales with their number.
+        image_token_id: overrides the id read from the model's config.
+        text_tokens: ``"after_image"`` (official: text = tokens after the first image
+            token) or ``"all"`` (every non-image, non-padding token), for id-built masks.
+        name: logged key of MIR.
+        log_layer_stats: per-layer statistics to log as scalars (keys of
+            ``per_layer_stats()``); ``()`` for none.
+        log_figures: write matplotlib figures to TensorBoard loggers.
+        hidden_size: width D; inferred when possible.
+        metric_kwargs: passed to :class:`ModalityIntegrationRate` (``outlier_sigma``,
+            ``sqrt_mode``, ``state_dtype``, ``max_outliers``...); other names are refused.
+    """
+
+    def __init__(
+        self,
+        layers: LayersArg = None,
+        masks: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
+        *,
+        probe_dataloader: Iterable | None = None,
+        every_n_train_steps: int | None = None,
+        probe_step: Callable[["pl.LightningModule", Any], Any] | None = None,
+        source: Literal["hooks", "step_output"] = "hooks",
+        layer_indices: Sequence[int] | slice | None = None,
+        image_token_id: int | None = None,
+        text_tokens: Literal["after_image", "all"] = "after_image",
+        name: str = "mir",
+        log_layer_stats: Sequence[str] = ("fd", "norm_ratio"),
+        log_figures: bool = True,
+        hidden_size: int | None = None,
+        **metric_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if source not in ("hooks", "step_output"):
+            raise ValueError(f"source must be 'hooks' or 'step_output', got {source!r}")
+        if every_n_train_steps is not None:
+            if probe_dataloader is None:
+                raise ValueError("every_n_train_steps needs probe_dataloader= (the batches to measure during training)")
+            if int(every_n_train_steps) < 1:
+                raise ValueError(f"every_n_train_steps must be a positive integer, got {every_n_train_steps}")
+        if probe_dataloader is not None and source != "hooks":
+            raise ValueError("probe_dataloader= measures through hooks: it cannot be combined with source='step_output'")
+        self.probe_dataloader = probe_dataloader
+        self.every_n_train_steps = None if every_n_train_steps is None else int(every_n_train_steps)
+        self.probe_step = probe_step
+        self.source = source
+        self.layer_indices = layer_indices
+        self.name = name
+        self.log_layer_stats = tuple(log_layer_stats)
+        self.log_figures = log_figures
+        options = dict(layers=layers, masks=masks, image_token_id=image_token_id, layer_indices=layer_indices,
+                       text_tokens=text_tokens, hidden_size=hidden_size)
+        self.measurement = Measurement(**options, metric_kwargs=metric_kwargs, owner="MIRCallback")
+        self.probe: MIRProbe | None = None
+        if probe_dataloader is not None:
+            self.probe = MIRProbe(probe_dataloader, step=probe_step or _call_module, **options, **metric_kwargs)
+            self.measurement = self.probe.measurement
+        self.history: list[dict[str, Any]] = []
+        self._running = False
+        self._forwards = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    @property
+    def metric(self):  # noqa: ANN201 - ModalityIntegrationRate | None
+        """The metric of the last measurement."""
+        return self.measurement.metric
+
+    # ------------------------------------------------------------------ validation runs
+    def _measures_validation(self, trainer: "pl.Trainer") -> bool:
+        return not trainer.sanity_checking and self.every_n_train_steps is None
+
+    def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self._measures_validation(trainer):
+            return
+        self._running = True
+        self._forwards = 0
+        if self.probe is None:
+            self.measurement.begin(pl_module if self.source == "hooks" else None)
+
+    def on_validation_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._running and self.probe is None and self.source == "hooks":
+            self.measurement.start_batch(batch)
+
+    def on_validation_batch_end(
+        self,
+        trainer: "pl.Trainer",
+        pl_module: "pl.LightningModule",
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self._running or self.probe is not None:
+            return
+        self._forwards += 1
+        if self.source == "hooks":
+            self.measurement.end_batch()
+        elif not isinstance(outputs, Mapping) or "hidden_states" not in outputs:
+            self.measurement.fail(
+                "source='step_output' needs validation_step to return a dict with 'hidden_states', 'vision_mask' "
+                "and 'text_mask'"
+            )
+        else:
+            self.measurement.feed(outputs["hidden_states"], outputs["vision_mask"], outputs["text_mask"])
+
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self._running:
+            return
+        self._running = False
+        if self.probe is not None:
+            result = self._run_probe(trainer, pl_module)
+        else:
+            result = self._quietly(lambda: self.measurement.finish(self._forwards))
+        self._publish(trainer, result)
+
+    # ------------------------------------------------------------------ training steps
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        n, step = self.every_n_train_steps, trainer.global_step
+        if n is None or step == 0 or step % n or step <= self._last_step():
+            return  # (several micro-batches share a step under gradient accumulation)
+        self._publish(trainer, self._run_probe(trainer, pl_module))
+        from mir_lightning.adapters.early_stopping import MIREarlyStopping
+
+        for stopper in trainer.callbacks:  # decide at this step, whichever callback comes first
+            if isinstance(stopper, MIREarlyStopping) and stopper.monitor == self.name:
+                stopper.check_step_measurement(trainer)
+
+    def _run_probe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> MIRResult:
+        return self._quietly(lambda: self.probe.run(self._probe_model(trainer, pl_module)))
+
+    def _probe_model(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> nn.Module:
+        """What the probe's forwards go through: Lightning's root FSDP1 wrapper when the strategy
+        put one around the module (its forward unshards the root's own parameters; calling the
+        LightningModule directly would meet flat shards), else the LightningModule. A custom
+        ``probe_step`` always receives the LightningModule, as documented."""
+        wrapped = getattr(trainer.strategy, "model", None)
+        if self.probe_step is None and wrapped is not pl_module and wrapped is not None:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            if isinstance(wrapped, FullyShardedDataParallel) and wrapped.module is pl_module:
+                return wrapped
+        return pl_module
+
+    def _last_step(self) -> int:
+        return self.history[-1]["step"] if self.history else -1
+
+    # ------------------------------------------------------------------ results
+    @staticmethod
+    def _quietly(measure: Callable[[], MIRResult]) -> MIRResult:
+        """Run a measurement; its warnings are re-emitted once, on rank zero, as ours."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = measure()
+        for w in caught:
+            rank_zero_warn(f"MIRCallback: {w.message}")
+        return result
+
+    def _publish(self, trainer: "pl.Trainer", result: MIRResult) -> None:
+        """Log, record and plot one measurement at ``trainer.global_step``."""
+        step = int(trainer.global_step)
+        if result.error is not None:
+            rank_zero_warn(f"MIRCallback: MIR could not be computed ({result.error}); {self.name} is NaN")
+        values = {self.name: result.mir}
+        if result.error is None:
+            for key in self.log_layer_stats:
+                for layer_id, value in zip(result.layers, result.stats[key].tolist()):
+                    values[f"{self.name}/{key}/layer_{layer_id:02d}"] = value
+        # identical on every rank already (the metric merged them): no sync needed
+        trainer.callback_metrics.update({key: torch.tensor(value, dtype=torch.float64) for key, value in values.items()})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=step)
+        self._record(step, result)
+        if self.log_figures and trainer.is_global_zero and result.error is None:
+            self._write_figures(trainer, step, result.stats)
+
+    def _record(self, step: int, result: MIRResult) -> None:
+        # a resumed run measuring again at or before a recorded step replaces those entries
+        self.history = [h for h in self.history if h["step"] < step]
+        entry: dict[str, Any] = {"step": step, "mir": result.mir, "layers": list(result.layers)}
+        if result.error is None:
+            entry.update({key: value.tolist() for key, value in result.stats.items()})
+        self.history.append(entry)
+
+    def _write_figures(self, trainer: "pl.Trainer", step: int, stats: dict[str, Tensor]) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers:
+            return
+        try:
+            from mir_lightning.plotting import measurement_figures
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        figures = measurement_figures(self.name, step, {k: v.tolist() for k, v in stats.items()}, self.history)
+        for logger in loggers:
+            for tag, fig in figures.items():
+                logger.experiment.add_figure(tag, fig, global_step=step, close=False)
+        for fig in figures.values():
+            plt.close(fig)
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self.measurement.detach()
+
+
+def _call_module(module: nn.Module, batch: Any) -> Any:
+    """Lightning's default probe step: ``pl_module(batch)``."""
+    return module(batch)
