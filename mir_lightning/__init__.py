@@ -32,6 +32,7 @@ __version__ = "0.1.0"
 
 # name -> module that defines it (imported on first access: Lightning, transformers are heavy)
 _LAZY = {
+    "FailureKind": "mir_lightning.measurement",
     "MIRCallback": "mir_lightning.adapters.lightning",
     "MIREarlyStopping": "mir_lightning.adapters.early_stopping",
     "MIRProbe": "mir_lightning.probe",

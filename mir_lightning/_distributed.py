@@ -11,9 +11,14 @@ from torch import Tensor
 from mir_lightning.summaries import MedianSketch, ModalitySummary, Tail, moments_merge, moments_recentre, pooled_mean
 
 
+def initialized() -> bool:
+    """Whether a torch.distributed default process group is up."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def world_size(group: Any = None) -> int:
     """Number of processes in ``group`` (1 when torch.distributed is not initialised)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not initialized():
         return 1
     return dist.get_world_size(group)
 

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor, nn
 
 from mir_lightning.models.transformers import (
-    TEXT_MODES,
     find_hidden_state_modules,
     find_image_token_id,
     masks_from_batch,
@@ -25,7 +24,8 @@ LayersArg = Sequence[nn.Module] | Callable[[nn.Module], Sequence[nn.Module]] | N
 
 
 def hidden_from_output(output: Any) -> Tensor:
-    """The hidden-state tensor ``[B, T, D]`` of a decoder layer's (or norm's) output."""
+    """The hidden-state tensor ``[B, T, D]`` of a decoder layer's (or norm's) output (a
+    ``DTensor`` under tensor / sequence parallelism: :func:`local_tokens` takes its local part)."""
     if isinstance(output, Tensor):
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
@@ -34,6 +34,127 @@ def hidden_from_output(output: Any) -> Tensor:
     if isinstance(hidden, Tensor):
         return hidden
     raise TypeError(f"cannot read hidden states from a module output of type {type(output).__name__}")
+
+
+@dataclass(frozen=True)
+class LocalTokens:
+    """The tokens of one layer output ``[B, T, D]`` that this rank measures.
+
+    Attributes:
+        hidden: plain tensor ``[b, t, D]``: this rank's rows and positions of the output.
+        rows: ``(start, stop)`` of those rows among the batch's ``B``.
+        positions: ``(start, stop)`` of those positions among the batch's ``T``.
+        counted: False on a replica whose tokens a peer measures (only mesh coordinate 0
+            of each replicated mesh dimension counts them).
+        mesh_size: ranks of the output's ``DTensor`` mesh (0 for a plain tensor).
+    """
+
+    hidden: Tensor
+    rows: tuple[int, int]
+    positions: tuple[int, int]
+    counted: bool
+    mesh_size: int
+
+    def masks(self, vision_mask: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The slices of the batch's bool ``[B, T]`` masks that match :attr:`hidden`."""
+        (r0, r1), (p0, p1) = self.rows, self.positions
+        return vision_mask[r0:r1, p0:p1], text_mask[r0:r1, p0:p1]
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return None
+    return DTensor
+
+
+def local_tokens(hidden: Tensor) -> LocalTokens:
+    """This rank's part of a layer output ``[B, T, D]``: a plain tensor is all of it; a
+    ``DTensor`` (tensor / sequence parallelism) gives its local shard.
+
+    A ``DTensor`` may be sharded along the batch (``Shard(0)``) or the sequence
+    (``Shard(1)``) over any of its mesh dimensions, with ``torch.chunk``-style uneven shards
+    (``ceil(T / n)`` positions each, the last ones shorter or empty), and replicated over the
+    others (only coordinate 0 counts: each token is measured once over the mesh).
+
+    Raises:
+        ValueError: a placement that cannot be measured per token (sharded along the hidden
+            dimension, a pending ``Partial`` sum, or a layout other than ``torch.chunk``'s).
+    """
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(hidden, dtensor):
+        return LocalTokens(hidden, (0, hidden.shape[0]), (0, hidden.shape[1]), True, 0)
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = hidden.device_mesh
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        raise ValueError("a layer output is a DTensor on a device mesh this rank is not part of")
+    spans = [[0, hidden.shape[0]], [0, hidden.shape[1]]]  # (start, length) of rows, positions
+    counted = True
+    for mesh_dim, (placement, coord) in enumerate(zip(hidden.placements, coordinate)):
+        if isinstance(placement, Replicate):
+            counted = counted and coord == 0
+        elif type(placement) is Shard and placement.dim % hidden.ndim in (0, 1):
+            span = spans[placement.dim % hidden.ndim]
+            chunk = -(-span[1] // mesh.size(mesh_dim))
+            offset = min(coord * chunk, span[1])
+            span[0], span[1] = span[0] + offset, min(chunk, span[1] - offset)
+        else:
+            raise ValueError(
+                f"a layer output is a DTensor placed as {placement} on mesh dimension {mesh_dim}: MIR needs whole "
+                "tokens, so a layer output must be replicated or sharded along the batch or the sequence "
+                "(Shard(0) / Shard(1)); redistribute it in the parallel plan (e.g. RowwiseParallel(output_layouts="
+                "Shard(1)) or Replicate()) or hook other modules (layers=)"
+            )
+    local = hidden.to_local()
+    if tuple(local.shape[:2]) != (spans[0][1], spans[1][1]):
+        raise ValueError(
+            f"a layer output DTensor {tuple(hidden.shape)} placed as {hidden.placements} has a local shard of "
+            f"{tuple(local.shape)}, not the torch.chunk layout's {(spans[0][1], spans[1][1])}: its rows and "
+            "positions cannot be matched with the masks"
+        )
+    return LocalTokens(local, (spans[0][0], sum(spans[0])), (spans[1][0], sum(spans[1])), counted, mesh.size())
+
+
+class OutputLayout:
+    """How one measurement's layer outputs were spread over ranks: plain tensors (each rank
+    holds whole outputs) or ``DTensor``\ s on a mesh of :attr:`mesh_size` ranks (0: none seen).
+
+    :meth:`add` refuses what cannot be counted once per token: a plain output holding fewer
+    positions than the batch (a sequence-parallel shard whose place is unknown), DTensors on
+    meshes of different sizes, or plain tensors and DTensors in one measurement.
+    """
+
+    def __init__(self) -> None:
+        self.mesh_size = 0
+        self.plain = False
+
+    def add(self, tokens: LocalTokens, layer_id: int, batch_shape: tuple[int, ...]) -> None:
+        """Record layer ``layer_id``'s output; ``batch_shape``: the masks' ``(B, T)``. Raises ValueError."""
+        if tokens.mesh_size == 0:
+            shape = tuple(tokens.hidden.shape[:2])
+            if shape != batch_shape and shape[0] == batch_shape[0] and shape[1] < batch_shape[1]:
+                raise ValueError(
+                    f"layer {layer_id}'s output holds {shape[1]} of the batch's {batch_shape[1]} positions: a "
+                    "sequence-parallel shard as a plain tensor, whose place in the sequence is unknown; make the "
+                    "layer outputs DTensors (use_local_output=False in the parallel styles that produce them) or "
+                    "hook modules whose outputs hold the whole sequence (layers=)"
+                )
+            self.plain = True
+        elif self.mesh_size not in (0, tokens.mesh_size):
+            raise ValueError(
+                f"layer outputs are DTensors on meshes of {self.mesh_size} and {tokens.mesh_size} ranks: "
+                "the probe merges over one data-parallel x tensor-parallel mesh"
+            )
+        else:
+            self.mesh_size = tokens.mesh_size
+        if self.plain and self.mesh_size:
+            raise ValueError(
+                f"some hooked layers give plain tensors and others DTensors (layer {layer_id}): the probe cannot "
+                "count each token once; hook layers whose outputs are all DTensors or all plain (layers=)"
+            )
 
 
 class LayerCapture:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mir_lightning import _distributed as D
 from mir_lightning.evaluate import DTYPES, EvaluationResult, evaluate_checkpoint, parse_layers
 from mir_lightning.probe_data import InputError
 
@@ -219,11 +221,7 @@ def _warnings_as_lines() -> Iterator[None]:
 
 def _rank() -> int:
     """This process's rank: the process group's when one is up, else torchrun's ``RANK``."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
+    return D.rank() if D.initialized() else int(os.environ.get("RANK", "0"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -237,10 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_output_path("--out", args.out)
         _check_output_path("--plot", args.plot)
         if args.plot:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError as exc:
-                raise InputError("--plot needs matplotlib: pip install matplotlib") from exc
+            if importlib.util.find_spec("matplotlib") is None:
+                raise InputError("--plot needs matplotlib: pip install matplotlib")
         with _warnings_as_lines():
             result = evaluate_checkpoint(
                 args.model_dir, images=args.images, texts=args.texts, num_samples=args.num_samples,

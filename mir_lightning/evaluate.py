@@ -31,6 +31,8 @@ from typing import Any, Literal
 
 import torch
 
+from mir_lightning import _distributed as D
+from mir_lightning.measurement import FailureKind, MIRResult
 from mir_lightning.probe import MIRProbe
 from mir_lightning.probe_data import InputError, ProbeSet, probe_set
 
@@ -395,16 +397,13 @@ def _process_group(device_spec: str | None) -> Iterator[tuple[int, int, torch.de
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_spec, local_rank)
     created = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not D.initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         created = True
     try:
-        if dist.is_available() and dist.is_initialized():
-            yield dist.get_rank(), dist.get_world_size(), device
-        else:
-            yield 0, 1, device
+        yield *D.rank_world(), device
     finally:
         if created:
             dist.destroy_process_group()
@@ -511,7 +510,7 @@ def evaluate_checkpoint(
             measured = probe.run(model)
         except ValueError as exc:  # the layers cannot be found
             raise InputError(f"unsupported architecture {type(model).__name__}: {exc}") from exc
-        _raise_failure(measured.error)
+        _raise_failure(measured)
         mir = measured.mir
         stats = {k: v.tolist() for k, v in measured.stats.items()}
     per_layer = {k: [int(x) for x in v] if k in COUNT_KEYS else [float(x) for x in v] for k, v in stats.items()}
@@ -589,13 +588,16 @@ def _holds_moca(model_dir: str | os.PathLike) -> bool:
     return True
 
 
-def _raise_failure(error: str | None) -> None:
-    """Re-raise a failure the probe reported (the same on every rank) as an exception."""
-    if error is None:
+# Failures of the probe's own batches and forwards (ProbeBatches and _forward raise InputError
+# for every problem they find): the inputs or the model, not the measurement.
+_INPUT_FAILURES = (FailureKind.LOADER, FailureKind.FORWARD)
+
+
+def _raise_failure(measured: MIRResult) -> None:
+    """Re-raise a failure the probe reported (of the same kind on every rank) as an exception:
+    InputError for the probe set's batches and forwards, RuntimeError for the rest."""
+    if measured.error is None:
         return
-    prefix = f"{InputError.__name__}: "
-    if error.startswith(prefix):
-        raise InputError(error[len(prefix):])
-    if error == "the measurement failed on another rank":
-        raise InputError(f"{error}: see that rank's error")
-    raise RuntimeError(f"the MIR measurement failed: {error}")
+    if measured.error_kind in _INPUT_FAILURES:  # the message without the exception's type, as raised
+        raise InputError(measured.error.removeprefix(f"{InputError.__name__}: "))
+    raise RuntimeError(f"the MIR measurement failed: {measured.error}")

@@ -8,6 +8,7 @@ capture; :class:`MIRResult` is what it returns.
 from __future__ import annotations
 
 import contextlib
+import enum
 import inspect
 import math
 import time
@@ -19,19 +20,46 @@ from torch import Tensor, nn
 
 from mir_lightning import _distributed as D
 from mir_lightning.capture import (
-    TEXT_MODES,
     CaptureTargets,
     LayerCapture,
+    LocalTokens,
     LayersArg,
     MaskFn,
     MaskRule,
+    OutputLayout,
     infer_hidden_size,
+    local_tokens,
     resolve_targets,
     select_layers,
 )
 from mir_lightning.metric import STAT_KEYS, ModalityIntegrationRate
+from mir_lightning.models.transformers import TEXT_MODES
 
-__all__ = ["MIRResult", "Measurement", "check_metric_kwargs"]
+__all__ = ["FailureKind", "MIRResult", "Measurement", "check_metric_kwargs"]
+
+
+class FailureKind(enum.Enum):
+    """Why a measurement failed (:attr:`MIRResult.error_kind`; ``error`` says more, for humans)."""
+
+    LOADER = "loader"
+    """Iterating the probe loader raised, or the ranks' loaders yield different numbers of batches."""
+    MASKS = "masks"
+    """The vision / text masks of a batch could not be built."""
+    FORWARD = "forward"
+    """A probe forward (the ``step``) raised."""
+    LAYER_CALLS = "layer_calls"
+    """A hooked layer did not run exactly once in a batch's forward (``torch.compile``, several forwards)."""
+    STEP_OUTPUT = "step_output"
+    """A validation step gave no hidden states (Lightning's ``source="step_output"``)."""
+    LAYOUT = "layout"
+    """Layer outputs whose placement over ranks cannot be measured once per token (tensor parallelism)."""
+    METRIC = "metric"
+    """The metric refused the hidden states (shape, dtype, non-finite values) or its computation failed."""
+    NO_TOKENS = "no_tokens"
+    """No hidden states were captured (no probe batch, or no layer ran)."""
+
+
+_KINDS = list(FailureKind)  # rank agreement sends the position + 1 (0: no failure)
 
 
 @dataclass
@@ -46,7 +74,10 @@ class MIRResult:
         n_vision, n_text: tokens per layer, summed over ranks (0 on failure).
         forwards: forwards this rank ran (padding forwards included).
         seconds: wall time of the measurement on this rank.
-        error: why the measurement failed (the same failure on every rank), else ``None``.
+        error: why the measurement failed, else ``None``; a rank whose own part went well
+            says that another rank failed.
+        error_kind: the kind of failure, else ``None``: this rank's own, or (when only other
+            ranks failed) that of a failed rank, so that every rank sees a failure kind.
     """
 
     mir: float
@@ -58,6 +89,7 @@ class MIRResult:
     forwards: int
     seconds: float
     error: str | None = None
+    error_kind: FailureKind | None = None
 
 
 def check_metric_kwargs(kwargs: Mapping[str, Any], owner: str) -> None:
@@ -128,6 +160,9 @@ class Measurement:
         self._rule: MaskRule | None = None
         self._masks: tuple[Tensor, Tensor] | None = None
         self._failure: str | None = None
+        self._failure_kind: FailureKind | None = None
+        self._layout = OutputLayout()
+        self._local_masks: dict[tuple[tuple[int, int], tuple[int, int]], tuple[Tensor, Tensor]] = {}
         self._start = 0.0
 
     # ------------------------------------------------------------------ set-up
@@ -166,7 +201,8 @@ class Measurement:
         Without a model only :meth:`feed` can add hidden states (``source="step_output"``).
         """
         self._start = time.perf_counter()
-        self._failure = None
+        self._failure = self._failure_kind = None
+        self._layout = OutputLayout()
         self._masks = None
         device = torch.device("cpu")
         if model is not None:
@@ -176,24 +212,41 @@ class Measurement:
         self._reset_metric(device)
 
     # ------------------------------------------------------------------ capture
-    def fail(self, err: BaseException | str) -> None:
-        """Record a failure (the first one is kept); the result will be NaN on every rank."""
+    def fail(self, err: BaseException | str, kind: FailureKind) -> None:
+        """Record a failure of ``kind`` (the first one is kept); the result will be NaN on every rank."""
         if self._failure is None:
             self._failure = err if isinstance(err, str) else _describe(err)
+            self._failure_kind = kind
 
     @property
     def failure(self) -> str | None:
+        """This rank's failure message so far (``None`` while all went well)."""
         return self._failure
 
     def _sink(self, index: int, hidden: Tensor) -> None:
         if self._failure is not None or self._masks is None:
             return
         try:
+            tokens = local_tokens(hidden)
+            self._layout.add(tokens, self.layer_ids[index], tuple(self._masks[0].shape))
+        except ValueError as err:
+            self.fail(err, FailureKind.LAYOUT)
+            return
+        try:
             if self.metric is None:
-                self._new_metric(len(self.layer_ids), hidden.shape[-1], hidden.device)
-            self.metric.update_layer(index, hidden, *self._masks)
+                self._new_metric(len(self.layer_ids), hidden.shape[-1], tokens.hidden.device)
+            if tokens.counted:
+                self.metric.update_layer(index, tokens.hidden, *self._tokens_masks(tokens))
         except Exception as err:  # reported by finish(), on every rank
-            self.fail(err)
+            self.fail(err, FailureKind.METRIC)
+
+    def _tokens_masks(self, tokens: LocalTokens) -> tuple[Tensor, Tensor]:
+        """The masks' slices of a local shard, the same tensors for every layer of a batch (the
+        metric then selects their positions once)."""
+        key = (tokens.rows, tokens.positions)
+        if key not in self._local_masks:
+            self._local_masks[key] = tokens.masks(*self._masks)
+        return self._local_masks[key]
 
     def start_batch(self, batch: Any, capture: bool = True) -> None:
         """Capture the next forwards on ``batch`` (until :meth:`end_batch`); ``capture=False``
@@ -203,8 +256,9 @@ class Measurement:
             try:
                 masks = self._rule(batch)
             except Exception as err:
-                self.fail(err)
+                self.fail(err, FailureKind.MASKS)
         self._masks = masks
+        self._local_masks = {}
         if self._capture is not None:
             self._capture.activate(masks is not None)
 
@@ -212,6 +266,7 @@ class Measurement:
         """Stop capturing; with ``check``, record a failure unless each hooked layer ran exactly once."""
         captured = self._masks is not None
         self._masks = None
+        self._local_masks = {}
         if self._capture is None:
             return
         self._capture.activate(False)
@@ -241,7 +296,8 @@ class Measurement:
             if not any(calls)
             else "a step must run one forward of the model per batch"
         )
-        self.fail(f"the hooked layers ran {ran} times in one batch's forward, expected once each: {hint}")
+        self.fail(f"the hooked layers ran {ran} times in one batch's forward, expected once each: {hint}",
+                  FailureKind.LAYER_CALLS)
 
     def feed(self, hidden_states: Sequence[Tensor] | Tensor, vision_mask: Tensor, text_mask: Tensor) -> None:
         """Fold hidden states given by the caller (``[L_all, B, T, D]`` or a list of ``[B, T, D]``,
@@ -255,7 +311,7 @@ class Measurement:
             self.layer_ids = ids
             self.metric.update([hidden_states[i] for i in ids], vision_mask.bool(), text_mask.bool())
         except Exception as err:
-            self.fail(err)
+            self.fail(err, FailureKind.METRIC)
 
     # ------------------------------------------------------------------ result
     def detach(self) -> None:
@@ -263,22 +319,51 @@ class Measurement:
         if self._capture is not None:
             self._capture.detach()
 
+    def _agree(self) -> tuple[FailureKind | None, float, Any]:
+        """``(failure kind, hidden size, merge group)`` agreed by the ranks that merge, before
+        any collective of the metric (nobody may be left inside its merge).
+
+        Plain layer outputs merge over ``process_group``. ``DTensor`` outputs (tensor / sequence
+        parallelism) hold each token on one rank of the data-parallel group x their mesh, which
+        must be the whole job: they merge over the default group (every rank sees DTensors too:
+        tensor-parallel peers run the same batches through the same layers).
+        """
+        kind = self._failure_kind
+        values = [float(_KINDS.index(kind) + 1 if kind else 0),
+                  float(self.metric.hidden_size) if self.metric is not None else 0.0,
+                  float(self._layout.mesh_size)]
+        group = self.process_group
+        world = D.world_size(group)
+        if world > 1:
+            values = D.all_max(values, group)
+        code, hidden_size, mesh = values
+        if mesh > 0:
+            if D.world_size() != world * int(mesh):  # the same sizes on every rank: nobody goes on below
+                self.fail(
+                    f"the layer outputs are DTensors on a mesh of {int(mesh)} ranks, and process_group has {world} "
+                    f"ranks, but the job has {D.world_size()}: pass process_group= the data-parallel group, whose "
+                    "ranks times the tensor-parallel mesh are all ranks (pipeline parallelism is not covered)",
+                    FailureKind.LAYOUT,
+                )
+                return self._failure_kind, hidden_size, group
+            group = None
+            code, hidden_size = D.all_max([code, hidden_size], group)
+        return (_KINDS[int(code) - 1] if code else None), hidden_size, group
+
     def finish(self, forwards: int = 0) -> MIRResult:
         """Remove the hooks, agree on failure across ranks, merge and compute. Every rank must call it."""
         self.detach()
-        rank, world = D.rank_world(self.process_group)
-        local_size = float(self.metric.hidden_size) if self.metric is not None else 0.0
-        failed, hidden_size = float(self._failure is not None), local_size
-        if world > 1:  # before any collective of the metric: nobody may be left inside its merge
-            failed, hidden_size = D.all_max([failed, local_size], self.process_group)
-        if failed and self._failure is None:
-            self._failure = "the measurement failed on another rank"
-        if not failed and self.metric is None:
+        kind, hidden_size, group = self._agree()
+        if kind is not None and self._failure is None:
+            self.fail(f"the measurement failed on another rank ({kind.value})", kind)
+        if kind is None and self.metric is None:
             if hidden_size > 0 and self.layer_ids:  # tokens on other ranks only: join the merge
-                self._new_metric(len(self.layer_ids), int(hidden_size), D.collective_device(self.process_group)
-                                 if world > 1 else torch.device("cpu"))
+                self._new_metric(len(self.layer_ids), int(hidden_size), D.collective_device(group)
+                                 if D.world_size(group) > 1 else torch.device("cpu"))
             else:
-                self._failure = "no hidden states were captured (no probe batch, or no layer ran)"
+                self.fail("no hidden states were captured (no probe batch, or no layer ran)", FailureKind.NO_TOKENS)
+        if self.metric is not None:
+            self.metric.process_group = group
         seconds = time.perf_counter() - self._start
         if self._failure is not None:
             return self._failed(forwards, seconds)
@@ -286,7 +371,7 @@ class Measurement:
             mir = float(self.metric.compute())
             stats = self.metric.per_layer_stats()
         except Exception as err:  # every rank reached compute(): no collective is left half-done
-            self.fail(err)
+            self.fail(err, FailureKind.METRIC)
             return self._failed(forwards, time.perf_counter() - self._start)
         return MIRResult(
             mir=mir,
@@ -311,4 +396,5 @@ class Measurement:
             forwards=forwards,
             seconds=seconds,
             error=self._failure,
+            error_kind=self._failure_kind,
         )

@@ -43,11 +43,11 @@ from torch import Tensor, nn
 
 from mir_lightning import _distributed as D
 from mir_lightning.capture import LayersArg, MaskFn
-from mir_lightning.measurement import Measurement, MIRResult, _model_device, check_metric_kwargs
+from mir_lightning.measurement import FailureKind, Measurement, MIRResult, _model_device, check_metric_kwargs
 from mir_lightning.metric import ModalityIntegrationRate
 from mir_lightning.models.transformers import unwrap_module
 
-__all__ = ["MIRProbe", "MIRResult", "Measurement", "check_metric_kwargs"]
+__all__ = ["FailureKind", "MIRProbe", "MIRResult", "Measurement", "check_metric_kwargs"]
 
 StepFn = Callable[[nn.Module, Any], Any]
 
@@ -204,7 +204,8 @@ class MIRProbe:
         if int(-negated_shortest) != total:
             self.measurement.fail(
                 f"the probe loader yields {int(-negated_shortest)} to {total} batches on different ranks: give every "
-                "rank the same, unsharded loader (the probe shards it itself)"
+                "rank the same, unsharded loader (the probe shards it itself)",
+                FailureKind.LOADER,
             )
         target = math.ceil(total / world)
         done, first = 0, None
@@ -249,9 +250,9 @@ class MIRProbe:
                         with measurement.batch(batch, capture):
                             self.step(model, batch)
                     except Exception as err:  # go on without capture: keep the forward count of the others
-                        measurement.fail(err)
+                        measurement.fail(err, FailureKind.FORWARD)
         except Exception as err:  # the loader itself failed
-            measurement.fail(err)
+            measurement.fail(err, FailureKind.LOADER)
         finally:
             measurement.detach()
             _restore_modes(modes)

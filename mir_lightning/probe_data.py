@@ -18,6 +18,7 @@ files. Only paths and texts are held; each image is decoded when its batch needs
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -409,10 +410,8 @@ def probe_set(images: str | os.PathLike | None, texts: str | os.PathLike | None,
     """
     if n < 1:
         raise InputError(f"--num-samples must be at least 1, got {n}")
-    try:
-        import PIL  # noqa: F401
-    except ImportError as exc:
-        raise InputError("mir-lightning evaluate needs Pillow to read images: pip install pillow") from exc
+    if importlib.util.find_spec("PIL") is None:
+        raise InputError("mir-lightning evaluate needs Pillow to read images: pip install pillow")
     if n < 20:
         warnings.warn(f"{n} samples: the paper reports MIR stable from about 20 samples on", stacklevel=2)
     if (images is None or texts is None) and n > MAX_SAMPLES:

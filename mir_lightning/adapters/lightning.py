@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from mir_lightning.capture import LayersArg
-from mir_lightning.measurement import Measurement, MIRResult
+from mir_lightning.measurement import FailureKind, Measurement, MIRResult
 from mir_lightning.probe import MIRProbe
 
 
@@ -165,7 +165,8 @@ class MIRCallback(Callback):
         elif not isinstance(outputs, Mapping) or "hidden_states" not in outputs:
             self.measurement.fail(
                 "source='step_output' needs validation_step to return a dict with 'hidden_states', 'vision_mask' "
-                "and 'text_mask'"
+                "and 'text_mask'",
+                FailureKind.STEP_OUTPUT,
             )
         else:
             self.measurement.feed(outputs["hidden_states"], outputs["vision_mask"], outputs["text_mask"])
