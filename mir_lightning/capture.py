@@ -120,7 +120,7 @@ def local_tokens(hidden: Tensor) -> LocalTokens:
 
 class OutputLayout:
     """How one measurement's layer outputs were spread over ranks: plain tensors (each rank
-    holds whole outputs) or ``DTensor``\ s on a mesh of :attr:`mesh_size` ranks (0: none seen).
+    holds whole outputs) or DTensors on a mesh of :attr:`mesh_size` ranks (0: none seen).
 
     :meth:`add` refuses what cannot be counted once per token: a plain output holding fewer
     positions than the batch (a sequence-parallel shard whose place is unknown), DTensors on
