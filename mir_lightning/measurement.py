@@ -162,6 +162,7 @@ class Measurement:
         self._failure: str | None = None
         self._failure_kind: FailureKind | None = None
         self._layout = OutputLayout()
+        self._captured = False  # hidden states reached the metric (or a replica's peer) since begin()
         self._local_masks: dict[tuple[tuple[int, int], tuple[int, int]], tuple[Tensor, Tensor]] = {}
         self._start = 0.0
 
@@ -203,6 +204,7 @@ class Measurement:
         self._start = time.perf_counter()
         self._failure = self._failure_kind = None
         self._layout = OutputLayout()
+        self._captured = False
         self._masks = None
         device = torch.device("cpu")
         if model is not None:
@@ -237,6 +239,7 @@ class Measurement:
                 self._new_metric(len(self.layer_ids), hidden.shape[-1], tokens.hidden.device)
             if tokens.counted:
                 self.metric.update_layer(index, tokens.hidden, *self._tokens_masks(tokens))
+            self._captured = True
         except Exception as err:  # reported by finish(), on every rank
             self.fail(err, FailureKind.METRIC)
 
@@ -310,6 +313,7 @@ class Measurement:
                 self._new_metric(len(ids), hidden_states[0].shape[-1], hidden_states[0].device)
             self.layer_ids = ids
             self.metric.update([hidden_states[i] for i in ids], vision_mask.bool(), text_mask.bool())
+            self._captured = True
         except Exception as err:
             self.fail(err, FailureKind.METRIC)
 
@@ -331,12 +335,12 @@ class Measurement:
         kind = self._failure_kind
         values = [float(_KINDS.index(kind) + 1 if kind else 0),
                   float(self.metric.hidden_size) if self.metric is not None else 0.0,
-                  float(self._layout.mesh_size)]
+                  float(self._captured), float(self._layout.mesh_size)]
         group = self.process_group
         world = D.world_size(group)
         if world > 1:
             values = D.all_max(values, group)
-        code, hidden_size, mesh = values
+        code, hidden_size, captured, mesh = values
         if mesh > 0:
             if D.world_size() != world * int(mesh):  # the same sizes on every rank: nobody goes on below
                 self.fail(
@@ -347,21 +351,22 @@ class Measurement:
                 )
                 return self._failure_kind, hidden_size, group
             group = None
-            code, hidden_size = D.all_max([code, hidden_size], group)
+            code, hidden_size, captured = D.all_max([code, hidden_size, captured], group)
+        if not code and not captured:  # e.g. an empty probe loader: NaN with a reason, not a silent NaN
+            code = float(_KINDS.index(FailureKind.NO_TOKENS) + 1)
         return (_KINDS[int(code) - 1] if code else None), hidden_size, group
 
     def finish(self, forwards: int = 0) -> MIRResult:
         """Remove the hooks, agree on failure across ranks, merge and compute. Every rank must call it."""
         self.detach()
         kind, hidden_size, group = self._agree()
-        if kind is not None and self._failure is None:
+        if kind is FailureKind.NO_TOKENS:
+            self.fail("no hidden states were captured (no probe batch, or no layer ran)", kind)
+        elif kind is not None and self._failure is None:
             self.fail(f"the measurement failed on another rank ({kind.value})", kind)
-        if kind is None and self.metric is None:
-            if hidden_size > 0 and self.layer_ids:  # tokens on other ranks only: join the merge
-                self._new_metric(len(self.layer_ids), int(hidden_size), D.collective_device(group)
-                                 if D.world_size(group) > 1 else torch.device("cpu"))
-            else:
-                self.fail("no hidden states were captured (no probe batch, or no layer ran)", FailureKind.NO_TOKENS)
+        if kind is None and self.metric is None:  # tokens on other ranks only: join the merge
+            self._new_metric(len(self.layer_ids), int(hidden_size), D.collective_device(group)
+                             if D.world_size(group) > 1 else torch.device("cpu"))
         if self.metric is not None:
             self.metric.process_group = group
         seconds = time.perf_counter() - self._start
