@@ -23,7 +23,8 @@ What ``run()`` guarantees:
   collective, so unequal counts would hang;
 * ranks agree on failure with one collective before the metric's merge: a failure on any
   rank (masks, the metric, a forward that raises) gives every rank a NaN result whose
-  ``error`` says why, so a training loop can log it and go on. After a failure a rank still
+  ``error`` says why and ``error_kind`` (a :class:`FailureKind`) of what kind, so a training
+  loop can log it and go on. After a failure a rank still
   runs its remaining forwards (capturing nothing), so that engines whose forwards are
   collectives (FSDP, ZeRO-3, DDP's buffer broadcast) stay in step. Configuration errors
   found before any forward (layers that cannot be found) raise on every rank. A forward
@@ -137,7 +138,12 @@ class MIRProbe:
         layer_indices: measure only these layers (indices or a slice).
         text_tokens: ``"after_image"`` (official: text = tokens after the first image token
             of the sample) or ``"all"``, for id-built masks.
-        process_group: the ranks that measure together (default: the whole world).
+        process_group: the ranks that share out the probe batches (default: the whole world).
+            Under tensor parallelism pass the data-parallel group: tensor-parallel peers then
+            run the same batches. Plain layer outputs merge over this group; ``DTensor`` ones
+            (sequence parallelism) are measured from their local shards and merge over the
+            whole job, which must be this group x their mesh (README, "Tensor and sequence
+            parallelism").
         hidden_size: width D; inferred when possible (ranks that capture nothing learn it
             from the others anyway).
         metric_kwargs: options of :class:`ModalityIntegrationRate` (``outlier_sigma``,
