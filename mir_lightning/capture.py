@@ -122,8 +122,8 @@ class OutputLayout:
     """How one measurement's layer outputs were spread over ranks: plain tensors (each rank
     holds whole outputs) or DTensors on a mesh of :attr:`mesh_size` ranks (0: none seen).
 
-    :meth:`add` refuses what cannot be counted once per token: a plain output holding fewer
-    positions than the batch (a sequence-parallel shard whose place is unknown), DTensors on
+    :meth:`add` refuses what cannot be counted once per token: a plain output shorter than the
+    masks along one of their two dimensions (a sequence-parallel shard whose place is unknown), DTensors on
     meshes of different sizes, or plain tensors and DTensors in one measurement.
     """
 
@@ -135,12 +135,13 @@ class OutputLayout:
         """Record layer ``layer_id``'s output; ``batch_shape``: the masks' ``(B, T)``. Raises ValueError."""
         if tokens.mesh_size == 0:
             shape = tuple(tokens.hidden.shape[:2])
-            if shape != batch_shape and shape[0] == batch_shape[0] and shape[1] < batch_shape[1]:
+            shorter = [n < m for n, m in zip(shape, batch_shape)]
+            if sum(shorter) == 1 and all(n <= m for n, m in zip(shape, batch_shape)):
                 raise ValueError(
-                    f"layer {layer_id}'s output holds {shape[1]} of the batch's {batch_shape[1]} positions: a "
-                    "sequence-parallel shard as a plain tensor, whose place in the sequence is unknown; make the "
-                    "layer outputs DTensors (use_local_output=False in the parallel styles that produce them) or "
-                    "hook modules whose outputs hold the whole sequence (layers=)"
+                    f"layer {layer_id}'s output is {shape} where the masks are {batch_shape}: a sequence-parallel "
+                    "shard as a plain tensor, whose place in the sequence is unknown; make the layer outputs "
+                    "DTensors (use_local_output=False in the parallel styles that produce them) or hook modules "
+                    "whose outputs hold the whole sequence (layers=)"
                 )
             self.plain = True
         elif self.mesh_size not in (0, tokens.mesh_size):

@@ -87,10 +87,12 @@ def test_plain_tensors_are_measured_whole():
     assert (tokens.rows, tokens.positions) == ((0, 2), (0, 5))
 
 
-def test_a_plain_sequence_shard_is_refused():
-    tokens = local_tokens(torch.randn(2, 3, 8))
+# [B, T / TP, D] against masks [B, T]; Megatron's sequence-first [S / TP, B, H] against [S, B]
+@pytest.mark.parametrize("shape, batch_shape", [((2, 3, 8), (2, 6)), ((3, 2, 8), (6, 2))])
+def test_a_plain_sequence_shard_is_refused(shape, batch_shape):
+    tokens = local_tokens(torch.randn(*shape))
     with pytest.raises(ValueError, match="sequence-parallel shard as a plain tensor"):
-        OutputLayout().add(tokens, layer_id=4, batch_shape=(2, 6))
+        OutputLayout().add(tokens, layer_id=4, batch_shape=batch_shape)
 
 
 class _HalfSequence(torch.nn.Module):
@@ -108,4 +110,4 @@ def test_probe_reports_a_plain_sequence_shard_as_a_layout_failure():
     probe = MIRProbe(batches, step=lambda model, batch: model(batch["hidden"]), layers=[layer], hidden_size=4)
     result = probe.run(layer)
     assert math.isnan(result.mir) and result.error_kind is FailureKind.LAYOUT
-    assert "4 of the batch's 8 positions" in result.error
+    assert "(2, 4) where the masks are (2, 8)" in result.error
