@@ -61,12 +61,13 @@ class LocalTokens:
         return vision_mask[r0:r1, p0:p1], text_mask[r0:r1, p0:p1]
 
 
-def _dtensor_type() -> type | None:
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor``."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed
-        return None
-    return DTensor
+        return False
+    return isinstance(tensor, DTensor)
 
 
 def local_tokens(hidden: Tensor) -> LocalTokens:
@@ -82,8 +83,7 @@ def local_tokens(hidden: Tensor) -> LocalTokens:
         ValueError: a placement that cannot be measured per token (sharded along the hidden
             dimension, a pending ``Partial`` sum, or a layout other than ``torch.chunk``'s).
     """
-    dtensor = _dtensor_type()
-    if dtensor is None or not isinstance(hidden, dtensor):
+    if not is_dtensor(hidden):
         return LocalTokens(hidden, (0, hidden.shape[0]), (0, hidden.shape[1]), True, 0)
     from torch.distributed.tensor import Replicate, Shard
 

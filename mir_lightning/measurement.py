@@ -28,6 +28,7 @@ from mir_lightning.capture import (
     MaskRule,
     OutputLayout,
     infer_hidden_size,
+    is_dtensor,
     local_tokens,
     resolve_targets,
     select_layers,
@@ -226,11 +227,15 @@ class Measurement:
         return self._failure
 
     def _sink(self, index: int, hidden: Tensor) -> None:
-        if self._failure is not None or self._masks is None:
-            return
+        if self._failure is None and self._masks is not None:
+            self._fold(index, hidden, self._masks)
+
+    def _fold(self, index: int, hidden: Tensor, masks: tuple[Tensor, Tensor]) -> None:
+        """Fold metric layer ``index``'s output ``[B, T, D]`` (plain, or a DTensor's local shard)
+        of the current batch, whose masks are ``masks``; a failure is recorded, not raised."""
         try:
             tokens = local_tokens(hidden)
-            self._layout.add(tokens, self.layer_ids[index], tuple(self._masks[0].shape))
+            self._layout.add(tokens, self.layer_ids[index], tuple(masks[0].shape))
         except ValueError as err:
             self.fail(err, FailureKind.LAYOUT)
             return
@@ -238,17 +243,17 @@ class Measurement:
             if self.metric is None:
                 self._new_metric(len(self.layer_ids), hidden.shape[-1], tokens.hidden.device)
             if tokens.counted:
-                self.metric.update_layer(index, tokens.hidden, *self._tokens_masks(tokens))
+                self.metric.update_layer(index, tokens.hidden, *self._tokens_masks(tokens, masks))
             self._captured = True
         except Exception as err:  # reported by finish(), on every rank
             self.fail(err, FailureKind.METRIC)
 
-    def _tokens_masks(self, tokens: LocalTokens) -> tuple[Tensor, Tensor]:
+    def _tokens_masks(self, tokens: LocalTokens, masks: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """The masks' slices of a local shard, the same tensors for every layer of a batch (the
         metric then selects their positions once)."""
         key = (tokens.rows, tokens.positions)
         if key not in self._local_masks:
-            self._local_masks[key] = tokens.masks(*self._masks)
+            self._local_masks[key] = tokens.masks(*masks)
         return self._local_masks[key]
 
     def start_batch(self, batch: Any, capture: bool = True) -> None:
@@ -312,6 +317,11 @@ class Measurement:
             if self.metric is None:
                 self._new_metric(len(ids), hidden_states[0].shape[-1], hidden_states[0].device)
             self.layer_ids = ids
+            if is_dtensor(hidden_states[0]):  # tensor / sequence parallel: each layer's local shard
+                self._local_masks, masks = {}, (vision_mask.bool(), text_mask.bool())
+                for index, layer in enumerate(ids):
+                    self._fold(index, hidden_states[layer], masks)
+                return
             self.metric.update([hidden_states[i] for i in ids], vision_mask.bool(), text_mask.bool())
             self._captured = True
         except Exception as err:

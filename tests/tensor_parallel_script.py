@@ -11,6 +11,8 @@ and sharded with ``parallelize_module`` over the mesh's ``tp`` dimension in thre
   giving ``Shard(1)`` DTensors (``use_local_output=False``), and an LM head whose output is a
   ``Replicate()`` DTensor; measured on the default layers and on
   ``[layers.0, layers.1, norm, lm_head]`` (sequence shards and a replica in one measurement);
+* ``sp_feed``: the ``sp`` model's ``output_hidden_states[1:]`` (DTensors) given to
+  ``Measurement.feed`` (Lightning's ``source="step_output"``);
 * ``sp_fail``: ``sp`` with a mask function that raises on rank 1 only: every rank must report
   a ``masks`` failure (rank 0's data-parallel group learns it through the whole job's agreement).
 
@@ -127,13 +129,28 @@ def reference(model: torch.nn.Module, names: list[str], batches: list[dict]) -> 
     return {"mir": mir, "per_layer_fd": [float(x) for x in fd], "n_vision": vis[0].shape[0], "n_text": txt[0].shape[0]}
 
 
+@torch.no_grad()
+def _fed(model: torch.nn.Module, batches: list[dict], mesh):
+    """Lightning's ``source="step_output"`` path: ``output_hidden_states[1:]`` (DTensors under
+    sequence parallelism) handed to ``Measurement.feed``, batches shared out over ``dp``."""
+    from mir_lightning.measurement import Measurement
+
+    measurement = Measurement(process_group=mesh["dp"].get_group())
+    measurement.begin()
+    for batch in batches[mesh.get_local_rank("dp")::MESH[0]]:
+        hidden = model(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[1:]
+        measurement.feed(hidden, batch["vision_mask"], batch["text_mask"])
+    return measurement.finish()
+
+
 def _record(result, probe, model) -> dict:
     names = {id(m): n for n, m in model.named_modules()}
+    hooked = [] if probe is None else [names[id(m)] for m in probe.measurement.targets.modules]
     return {
         "mir": float(result.mir), "per_layer_fd": [float(x) for x in result.per_layer_fd],
         "n_vision": result.n_vision, "n_text": result.n_text, "forwards": result.forwards,
         "error": result.error, "error_kind": None if result.error_kind is None else result.error_kind.value,
-        "hooked": [names[id(m)] for m in probe.measurement.targets.modules],
+        "hooked": hooked,
     }
 
 
@@ -186,6 +203,7 @@ def _worker(rank: int, port: int, out: str, timeout: float) -> None:
             probe = MIRProbe(batches, process_group=dp_group, **options)
             records[name] = _record(probe.run(models[style]), probe, models[style])
             hooked[name] = records[name]["hooked"]
+        records["sp_feed"] = _record(_fed(models["sp"], batches, mesh), None, models["sp"])
         records["layouts"] = {style: output_layouts(models[style], EXPLICIT, batches[0]) for style in models}
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(records, f)
