@@ -321,6 +321,7 @@ class Measurement:
                 self._local_masks, masks = {}, (vision_mask.bool(), text_mask.bool())
                 for index, layer in enumerate(ids):
                     self._fold(index, hidden_states[layer], masks)
+                self._local_masks = {}
                 return
             self.metric.update([hidden_states[i] for i in ids], vision_mask.bool(), text_mask.bool())
             self._captured = True
