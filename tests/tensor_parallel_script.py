@@ -191,7 +191,12 @@ def _worker(rank: int, port: int, out: str, timeout: float) -> None:
 
         from mir_lightning import MIRProbe
 
-        mesh = init_device_mesh("cpu", MESH, mesh_dim_names=("dp", "tp"))
+        options = dist.ProcessGroupGloo._Options()  # the mesh's groups get the timeout too (default: 30 min)
+        options._timeout = datetime.timedelta(seconds=timeout)
+        mesh = init_device_mesh("cpu", MESH, mesh_dim_names=("dp", "tp"),
+                                backend_override={"dp": ("gloo", options), "tp": ("gloo", options)})
+        for name in ("dp", "tp"):
+            assert mesh[name].get_group()._get_backend(torch.device("cpu")).options._timeout == options._timeout
         dp_group = mesh["dp"].get_group()
         base, batches = build_model(), probe_batches()
         records, hooked = {}, {}
