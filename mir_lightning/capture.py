@@ -84,8 +84,12 @@ def local_tokens(hidden: Tensor) -> LocalTokens:
             dimension, a pending ``Partial`` sum, or a layout other than ``torch.chunk``'s).
     """
     if not is_dtensor(hidden):
-        return LocalTokens(hidden, (0, hidden.shape[0]), (0, hidden.shape[1]), True, 0)
+        shape = (*hidden.shape, 0, 0)  # a malformed output is the metric's to refuse
+        return LocalTokens(hidden, (0, shape[0]), (0, shape[1]), True, 0)
     from torch.distributed.tensor import Replicate, Shard
+
+    if hidden.ndim != 3:
+        raise ValueError(f"a layer output must be [B, T, D], got a DTensor of shape {tuple(hidden.shape)}")
 
     mesh = hidden.device_mesh
     coordinate = mesh.get_coordinate()
@@ -123,8 +127,8 @@ class OutputLayout:
     holds whole outputs) or DTensors on a mesh of :attr:`mesh_size` ranks (0: none seen).
 
     :meth:`add` refuses what cannot be counted once per token: a plain output shorter than the
-    masks along one of their two dimensions (a sequence-parallel shard whose place is unknown), DTensors on
-    meshes of different sizes, or plain tensors and DTensors in one measurement.
+    masks along one of their two dimensions (a sequence-parallel shard whose place is unknown),
+    DTensors on meshes of different sizes, or plain tensors and DTensors in one measurement.
     """
 
     def __init__(self) -> None:
@@ -133,7 +137,7 @@ class OutputLayout:
 
     def add(self, tokens: LocalTokens, layer_id: int, batch_shape: tuple[int, ...]) -> None:
         """Record layer ``layer_id``'s output; ``batch_shape``: the masks' ``(B, T)``. Raises ValueError."""
-        if tokens.mesh_size == 0:
+        if tokens.mesh_size == 0 and tokens.hidden.ndim == 3:
             shape = tuple(tokens.hidden.shape[:2])
             shorter = [n < m for n, m in zip(shape, batch_shape)]
             if sum(shorter) == 1 and all(n <= m for n, m in zip(shape, batch_shape)):
@@ -143,6 +147,7 @@ class OutputLayout:
                     "DTensors (use_local_output=False in the parallel styles that produce them) or hook modules "
                     "whose outputs hold the whole sequence (layers=)"
                 )
+        if tokens.mesh_size == 0:
             self.plain = True
         elif self.mesh_size not in (0, tokens.mesh_size):
             raise ValueError(

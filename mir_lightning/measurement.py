@@ -236,7 +236,7 @@ class Measurement:
         try:
             tokens = local_tokens(hidden)
             self._layout.add(tokens, self.layer_ids[index], tuple(masks[0].shape))
-        except ValueError as err:
+        except Exception as err:  # never out of a forward hook: reported by finish(), on every rank
             self.fail(err, FailureKind.LAYOUT)
             return
         try:
@@ -251,6 +251,8 @@ class Measurement:
     def _tokens_masks(self, tokens: LocalTokens, masks: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """The masks' slices of a local shard, the same tensors for every layer of a batch (the
         metric then selects their positions once)."""
+        if not tokens.mesh_size:  # a plain tensor: the whole batch
+            return masks
         key = (tokens.rows, tokens.positions)
         if key not in self._local_masks:
             self._local_masks[key] = tokens.masks(*masks)
