@@ -183,3 +183,28 @@ def test_llava_trainer_logs_mir_equal_to_the_reference(tmp_path, vision_tower_di
     for k, fd in enumerate(fds):
         assert abs(logged[1][f"mir/fd/layer_{k:02d}"] - fd) < TOL * max(fd, 1.0)
     assert np.isfinite(mir)
+
+
+def test_moca_calibrates_exactly_the_spliced_image_features(vision_tower_dir):
+    """MoCa on LLaVA's model, its vision mask from ``llava_masks`` on the ``-200`` ids: after
+    the first decoder layer the image features are ``scale * h + shift`` and every other
+    position is untouched (positions from LLaVA's own splicing)."""
+    from mir_lightning.models.llava import llava_masks
+    from mir_lightning.moca import MoCa
+
+    model = make_llava(vision_tower_dir).eval()
+    batch = probe_batches()[1]  # a text-only row and a cut row
+    with torch.no_grad():
+        plain = model(**batch, output_hidden_states=True).hidden_states[1]
+    moca = MoCa.attach(model, vision_mask=lambda inputs: llava_masks(
+        inputs["input_ids"], inputs.get("attention_mask"), tokens_per_image=TOKENS_PER_IMAGE,
+        max_length=MAX_LENGTH)[0])
+    with torch.no_grad():
+        moca.scale[0].fill_(2.0)
+        moca.shift[0].fill_(0.5)
+        calibrated = model(**batch, output_hidden_states=True).hidden_states[1]
+    vision, _ = spliced_masks(model, batch)
+    # float32: 2 * h + 0.5 is exact up to one rounding of the add (|h| < 10 here)
+    torch.testing.assert_close(calibrated[vision], 2.0 * plain[vision] + 0.5, rtol=0, atol=1e-5)
+    assert torch.equal(calibrated[~vision], plain[~vision])
+    moca.remove()
