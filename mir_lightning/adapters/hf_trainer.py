@@ -232,10 +232,15 @@ class MIRTrainerCallback(TrainerCallback):
         if self._own_writer is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                from transformers.integrations.integration_utils import default_logdir
             except ImportError:
                 return None
-            log_dir = os.getenv("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, default_logdir())
+            # the folder the Trainer's TensorBoardCallback writes to: 4.x uses ``args.logging_dir``
+            # (set by default there), transformers 5 (no such argument) TENSORBOARD_LOGGING_DIR
+            log_dir = getattr(args, "logging_dir", None) or os.getenv("TENSORBOARD_LOGGING_DIR")
+            if not log_dir:
+                from transformers.integrations.integration_utils import default_logdir
+
+                log_dir = os.path.join(args.output_dir, default_logdir())
             self._own_writer = SummaryWriter(log_dir=os.path.expanduser(log_dir))
         return self._own_writer
 
