@@ -84,7 +84,8 @@ def test_mir_every_n_steps_with_evaluation_off(tmp_path, monkeypatch, reference)
         assert [s for s, _ in scalars[f"train/mir/fd/layer_{k:02d}"]] == [2, 4, 6]
         assert all(abs(v - fd) < 1e-6 * fd for _, v in scalars[f"train/mir/fd/layer_{k:02d}"])  # float32 storage
     assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6]
-    assert read_image_tags(str(tmp_path / "tb")) == {"mir/per_layer": [2, 4, 6], "mir/history": [2, 4, 6]}
+    # figures under the same train/ prefix as the scalars (before: "mir/per_layer", "mir/history")
+    assert read_image_tags(str(tmp_path / "tb")) == {"train/mir/per_layer": [2, 4, 6], "train/mir/history": [2, 4, 6]}
 
 
 def test_after_each_evaluation_at_most_once_per_step(tmp_path, reference):
@@ -141,7 +142,7 @@ def test_without_the_trainer_it_still_records_and_writes_tensorboard(tmp_path, m
     scalars = read_scalars(str(tmp_path / "tb"))
     assert [(s, v) for s, v in scalars["train/mir"]] == [(e["step"], float(np.float32(e["mir"]))) for e in logged]
     assert [s for s, _ in scalars["train/loss"]] == [2, 4]  # the Trainer's own TensorBoard writer
-    assert read_image_tags(str(tmp_path / "tb")) == {"mir/per_layer": [2, 4], "mir/history": [2, 4]}
+    assert read_image_tags(str(tmp_path / "tb")) == {"train/mir/per_layer": [2, 4], "train/mir/history": [2, 4]}
 
 
 def _free_port() -> int:
