@@ -384,3 +384,33 @@ def test_measurement_with_figures_does_not_reset_the_warnings_registry(tmp_path)
         trainer.fit(TinyLlava(lr=0.0), loader(make_batches(n_batches=2)))
     assert read_image_tags(os.path.join(str(tmp_path), "tb", "version_0"))["mir/per_layer"] == [2]
     assert sum("shows once per location" in str(w.message) for w in caught) == 1
+
+
+class RecordStop(pl.Callback):
+    """Writes each rank's final global step to ``folder/rank{r}.txt`` at teardown."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def teardown(self, trainer, pl_module, stage):
+        with open(os.path.join(self.folder, f"rank{trainer.global_rank}.txt"), "w") as f:
+            f.write(str(trainer.global_step))
+
+
+def _ddp_plateau_fit(folder):
+    """Step-time probe on 2 ranks with MIRCallback(early_stopping=...): lr 0, flat MIR."""
+    from mir_lightning import MIRPlateau
+
+    cb = MIRCallback(probe_dataloader=loader(make_batches(n_batches=3, seed=50)), every_n_steps=1, log_figures=False,
+                     early_stopping=MIRPlateau(patience=2, min_delta=1e-6))
+    trainer = pl.Trainer(strategy=_spawn_strategy(find_unused_parameters=True), accelerator="cpu", devices=2,
+                         logger=False, callbacks=[cb, RecordStop(folder), DestroyProcessGroup()], max_steps=10,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(LazyTinyLlava(), loader(make_batches(n_batches=10)))
+
+
+def test_ddp_spawn_early_stopping_argument_stops_every_rank_at_one_step(tmp_path):
+    # the decision goes through trainer.strategy.reduce_boolean_decision: a rank that went on
+    # alone would hang in DDP's next all-reduce (60 s process-group timeout: a failure)
+    _ddp_plateau_fit(str(tmp_path))
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["3", "3"]
