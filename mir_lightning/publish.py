@@ -192,19 +192,17 @@ class MIRPublisher:
         """Draw the per-layer figure of ``entry`` and the layer x step heatmap of the history,
         and ``add_figure`` them to each writer (``SummaryWriter``-like) under ``prefix + tag``.
 
-        Nothing when figures are off, ``entry`` failed, there is no writer or matplotlib is
-        missing; any drawing error becomes one warning per publisher (figures never stop training).
+        Nothing when figures are off, ``entry`` failed or there is no writer; a missing
+        matplotlib or any drawing error becomes one warning per publisher (figures never stop
+        training).
         """
         if not (self.log_figures and writers and entry.stats):
             return
-        try:
-            from mir_lightning.plotting import close_figures, measurement_figures
-        except ImportError:
-            return
+        from mir_lightning.plotting import close_figures, measurement_figures
+
         figures: dict[str, Any] = {}
         try:
-            complete = [h for h in self.history if len(h.stats.get("fd", ())) == len(entry.layers)]
-            figures = measurement_figures(prefix + self.tags.name, entry.step, entry.stats, complete,
+            figures = measurement_figures(prefix + self.tags.name, entry.step, entry.stats, self.history,
                                           layers=entry.layers)
             for writer in writers:
                 for tag, figure in figures.items():
@@ -216,7 +214,8 @@ class MIRPublisher:
                 self._figures_failed = True
                 warnings.warn(f"{self.owner}: figures skipped ({type(err).__name__}: {err})", stacklevel=2)
         finally:
-            close_figures(figures.values())
+            if figures:
+                close_figures(figures.values())
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

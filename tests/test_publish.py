@@ -119,6 +119,16 @@ def test_figures_go_to_every_writer_once_and_are_closed():
     assert writers[0].tags == writers[1].tags == [("train/mir/per_layer", 1), ("train/mir/history", 1),
                                                   ("train/mir/per_layer", 2), ("train/mir/history", 2)]
     assert plt.get_fignums() == []
+    class Broken(Writer):
+        def add_figure(self, *args, **kwargs):
+            raise OSError("disk full")
+
+    failing = MIRPublisher(owner="MIRTest")
+    with pytest.warns(UserWarning, match="MIRTest: figures skipped .*disk full") as caught:
+        for step in (1, 2):  # training goes on; one warning for the run
+            failing.write_figures(failing.publish(step, result()).entry, [Broken()])
+    assert sum("figures skipped" in str(w.message) for w in caught) == 1
+    assert plt.get_fignums() == []
     off = MIRPublisher(log_figures=False)
     off.write_figures(off.publish(1, result()).entry, writers)
     assert len(writers[0].tags) == 4
