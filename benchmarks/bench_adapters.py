@@ -5,9 +5,10 @@ The example's frozen SmolLM2-135M (30 decoder layers, D = 576) with its projecto
 held-out MNIST digits in batches of 50 (``examples/lvlm.py``). Each adapter trains the projector
 for ``--calls x --every`` steps with the probe every ``--every`` steps:
 
-* Lightning: ``MIRCallback(probe_dataloader=probe, every_n_train_steps=N)``, no validation loop;
+* Lightning: ``MIRCallback(probe_dataloader=probe, every_n_steps=N)``, no validation loop;
 * HF Trainer: ``MIRTrainerCallback(probe, every_n_steps=N)`` with ``eval_strategy="no"``;
-* own loop: ``probe.run(model)`` and ``SummaryWriter.add_scalar`` every N steps (examples/custom_loop.py).
+* own loop: ``examples/loop_adapter.py`` (``probe.run(model)``, scalars to a ``SummaryWriter``) every N steps,
+  as examples/custom_loop.py runs it.
 
 Per call the adapter's hook (``on_train_batch_end`` / ``on_step_end`` / the loop's measure
 function) and the ``MIRProbe.run`` inside it are timed in the same call, so the machine's load
@@ -34,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(C.REPO / "examples"))
 import lvlm  # noqa: E402  (the example's parts and model)
+from loop_adapter import MIRLoopAdapter  # noqa: E402
 from lvlm_lightning import LVLMPretrainer, quiet_known_noise  # noqa: E402
 
 
@@ -77,7 +79,7 @@ def lightning_adapter(parts: lvlm.Parts, probe_loader: Any, every: int, steps: i
     from mir_lightning import MIRCallback
 
     train_loader, _ = parts.loaders(batch_size=12)
-    callback = MIRCallback(probe_dataloader=probe_loader, every_n_train_steps=every, median_buffer=1024,
+    callback = MIRCallback(probe_dataloader=probe_loader, every_n_steps=every, median_buffer=1024,
                            log_figures=figures)
     timer = HookTimer()
     timer.wrap(callback, "on_train_batch_end", callback.probe)
@@ -106,28 +108,14 @@ def hf_adapter(parts: lvlm.Parts, probe_loader: Any, every: int, steps: int, out
     return timer
 
 
-class _OwnLoop:
-    """The measure step of examples/custom_loop.py without its task metrics: probe + SummaryWriter."""
-
-    def __init__(self, probe: Any, writer: Any) -> None:
-        self.probe, self.writer = probe, writer
-
-    def measure(self, model: torch.nn.Module, step: int) -> None:
-        result = self.probe.run(model)
-        self.writer.add_scalar("mir", result.mir, step)
-        for layer, fd in zip(result.layers, result.per_layer_fd.tolist()):
-            self.writer.add_scalar(f"mir/fd/layer_{layer:02d}", fd, step)
-
-
 def own_loop_adapter(parts: lvlm.Parts, probe_loader: Any, every: int, steps: int, out: str) -> HookTimer:
     from torch.utils.tensorboard import SummaryWriter
-
-    from mir_lightning import MIRProbe
 
     train_loader, _ = parts.loaders(batch_size=12)
     model = parts.model()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    loop = _OwnLoop(MIRProbe(probe_loader, median_buffer=1024), SummaryWriter(f"{out}/own_loop"))
+    loop = MIRLoopAdapter(probe_loader, SummaryWriter(f"{out}/own_loop"), every_n_steps=every, log_layer_stats=("fd",),
+                          log_figures=False, median_buffer=1024)
     timer = HookTimer()
     timer.wrap(loop, "measure", loop.probe)
     for step, batch in enumerate(train_loader, start=1):
@@ -135,8 +123,7 @@ def own_loop_adapter(parts: lvlm.Parts, probe_loader: Any, every: int, steps: in
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        if step % every == 0:
-            loop.measure(model, step)
+        loop.on_step_end(model, step)
         if step == steps:
             break
     loop.writer.close()
@@ -144,11 +131,11 @@ def own_loop_adapter(parts: lvlm.Parts, probe_loader: Any, every: int, steps: in
 
 
 ADAPTERS: dict[str, Callable[..., HookTimer]] = {
-    "Lightning MIRCallback(every_n_train_steps), TensorBoard": lightning_adapter,
+    "Lightning MIRCallback(every_n_steps), TensorBoard": lightning_adapter,
     "  the same, log_figures=False": partial(lightning_adapter, figures=False),
     "HF Trainer MIRTrainerCallback(every_n_steps), report_to tensorboard": hf_adapter,
     "  the same, report_to none (no figures)": partial(hf_adapter, tensorboard=False),
-    "own loop: probe.run + SummaryWriter scalars": own_loop_adapter,
+    "own loop: examples/loop_adapter.py, SummaryWriter scalars": own_loop_adapter,
 }
 
 

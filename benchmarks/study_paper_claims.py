@@ -355,7 +355,7 @@ def probe_size_table(model: lvlm.LVLM, parts: lvlm.Parts, pool: tuple[torch.Tens
         for _ in range(draws if n < len(pool[1]) else 1):
             pick = torch.as_tensor(np.sort(rng.choice(len(pool[1]), n, replace=False)))
             _, loader = parts.loaders(8, 50, 0, probe=(pool[0][pick], pool[1][pick]))
-            probe = MIRProbe(loader, step=lambda m, b: m(**b), hidden_size=model.llm.config.hidden_size,
+            probe = MIRProbe(loader, probe_step=lambda m, b: m(**b), hidden_size=model.llm.config.hidden_size,
                              median_buffer=2048)
             values.append(float(probe.run(model).mir))
         out.append({"n": n, "values": values, "mean": float(np.mean(values)), "std": float(np.std(values))})

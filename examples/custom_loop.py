@@ -10,6 +10,10 @@ itself is the ten lines in :func:`train`; MIR is one call::
     result = probe.run(model)          # eval + no_grad, hooks only for its own forwards
     writer.add_scalar("mir", result.mir, step)
 
+Here that call and its logging (the tags, per-layer scalars and figures every adapter writes)
+go through ``examples/loop_adapter.py``, the 60-line adapter of README "Adding MIR to another
+trainer".
+
     python examples/custom_loop.py --tiny          # random tiny parts, seconds
     python examples/custom_loop.py                 # real parts (examples/requirements-parts.txt)
 """
@@ -27,6 +31,7 @@ EXAMPLES = Path(__file__).resolve().parent
 sys.path.insert(0, str(EXAMPLES))
 
 import lvlm  # noqa: E402
+from loop_adapter import MIRLoopAdapter  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,33 +39,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return lvlm.parse_probe_script_args(parser, argv)
 
 
-def measure(probe: Any, model: lvlm.LVLM, probe_loader: Any, writer: Any, step: int) -> dict[str, Any]:
-    """Run the probe, log MIR, its per-layer FD and the task metrics at ``step``; one row."""
-    result = probe.run(model)
+def measure(mir: MIRLoopAdapter, model: lvlm.LVLM, probe_loader: Any, step: int) -> dict[str, Any]:
+    """Run the probe (MIR, per-layer scalars and figures logged by the adapter) and log the
+    task metrics at ``step``; one row."""
+    entry = mir.measure(model, step).entry
     scores = lvlm.probe_scores(model, probe_loader)
-    writer.add_scalar("mir", result.mir, step)
-    for layer, fd in zip(result.layers, result.per_layer_fd.tolist()):
-        writer.add_scalar(f"mir/fd/layer_{layer:02d}", fd, step)
     for name in lvlm.ProbeScores.names():
-        writer.add_scalar(f"val/{name}", getattr(scores, name), step)
-    entry = {"mir": result.mir, **{key: value.tolist() for key, value in result.stats.items()}}
-    return {"step": step, **vars(scores), **lvlm.mir_drivers(entry), "probe_s": result.seconds}
+        mir.writer.add_scalar(f"val/{name}", getattr(scores, name), step)
+    return {"step": step, **vars(scores), **lvlm.mir_drivers(entry), "probe_s": mir.last_result.seconds}
 
 
 def train(args: argparse.Namespace) -> lvlm.ProbeRun:
     from torch.utils.tensorboard import SummaryWriter
-
-    from mir_lightning import MIRProbe
 
     parts = lvlm.load_parts(args.tiny, args.n_train, args.n_probe, args.seed)
     train_loader, probe_loader = parts.loaders(args.batch_size, seed=args.seed)
     model = parts.model()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     # median_buffer above the probe's tokens per modality keeps the outlier rule's median row exact
-    probe = MIRProbe(probe_loader, median_buffer=1024)
     writer = SummaryWriter(args.log_dir)
+    mir = MIRLoopAdapter(probe_loader, writer, every_n_steps=args.probe_every, median_buffer=1024)
     start = time.time()
-    rows = [measure(probe, model, probe_loader, writer, 0)]
+    rows = [measure(mir, model, probe_loader, 0)]
     step = 0
     while step < args.max_steps:
         for batch in train_loader:
@@ -72,7 +72,7 @@ def train(args: argparse.Namespace) -> lvlm.ProbeRun:
             optimizer.zero_grad()
             step += 1
             if step % args.probe_every == 0 or step == args.max_steps:
-                rows.append(measure(probe, model, probe_loader, writer, step))
+                rows.append(measure(mir, model, probe_loader, step))
                 r = rows[-1]
                 print(f"[probe] step {step}: MIR {r['mir']:.3f} ({r['probe_s']:.1f}s), digit acc {r['digit_acc']:.2f}, "
                       f"caption loss {r['caption_loss']:.3f}, elapsed {time.time() - start:.0f}s", flush=True)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import warnings
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -76,6 +77,17 @@ def _named_inputs(model: nn.Module) -> set[str]:
     except (TypeError, ValueError):
         return set()
     return {p.name for p in parameters if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+
+
+def renamed_argument(kwargs: dict[str, Any], old: str, new: str, value: Any, owner: str) -> Any:
+    """``value`` of argument ``new``, or that of its deprecated former name ``old`` popped
+    from ``kwargs`` (with a DeprecationWarning); both given is a TypeError."""
+    if old not in kwargs:
+        return value
+    if value is not None:
+        raise TypeError(f"{owner} got both {new}= and its former name {old}=; pass {new}= only")
+    warnings.warn(f"{owner}({old}=...) is deprecated; pass {new}=...", DeprecationWarning, stacklevel=3)
+    return kwargs.pop(old)
 
 
 def default_step(model: nn.Module, batch: Any) -> Any:
@@ -123,9 +135,10 @@ class MIRProbe:
         probe_dataloader: the probe batches (any iterable; iterated once per :meth:`run`).
             Under torch.distributed give every rank the same, unsharded loader: the probe
             shards it itself (rank r takes batches r, r + W, ...).
-        step: ``step(model, batch)`` runs one forward; default ``model(**batch)`` for
-            mapping batches (less their ``vision_mask`` / ``text_mask`` entries), else
-            ``model(batch)``. The batch is moved to the model's device first.
+        probe_step: ``probe_step(model, batch)`` runs one forward; default ``model(**batch)``
+            for mapping batches (less their ``vision_mask`` / ``text_mask`` entries), else
+            ``model(batch)``. The batch is moved to the model's device first. (``step=`` is
+            its former, deprecated name.)
         layers: the modules whose outputs are the LLM's per-layer hidden states (a list, or
             a function of the model returning one). Default: found automatically for Hugging
             Face VLMs / causal LMs (also inside DDP, DeepSpeed, FSDP1/FSDP2, peft and
@@ -162,7 +175,7 @@ class MIRProbe:
         self,
         probe_dataloader: Iterable,
         *,
-        step: StepFn | None = None,
+        probe_step: StepFn | None = None,
         layers: LayersArg = None,
         masks: MaskFn | None = None,
         image_token_id: int | None = None,
@@ -174,8 +187,9 @@ class MIRProbe:
     ) -> None:
         if probe_dataloader is None:
             raise ValueError("MIRProbe needs a probe_dataloader (an iterable of batches)")
+        probe_step = renamed_argument(metric_kwargs, "step", "probe_step", probe_step, "MIRProbe")
         self.probe_dataloader = probe_dataloader
-        self.step = step or default_step
+        self.probe_step = probe_step or default_step
         self.measurement = Measurement(
             layers=layers, masks=masks, image_token_id=image_token_id, layer_indices=layer_indices,
             text_tokens=text_tokens, process_group=process_group, hidden_size=hidden_size,
@@ -254,7 +268,7 @@ class MIRProbe:
                     forwards += 1
                     try:
                         with measurement.batch(batch, capture):
-                            self.step(model, batch)
+                            self.probe_step(model, batch)
                     except Exception as err:  # go on without capture: keep the forward count of the others
                         measurement.fail(err, FailureKind.FORWARD)
         except Exception as err:  # the loader itself failed

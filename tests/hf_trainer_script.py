@@ -43,10 +43,12 @@ def train_examples(n: int = 32) -> list[dict[str, torch.Tensor]]:
 def make_trainer(output_dir: str, *, max_steps: int, every_n_steps: int | None = 2, patience: int | None = None,
                  min_delta: float = 1e-6, eval_steps: int | None = None, save_steps: int | None = None,
                  report_to: str = "tensorboard", step: Any = None, add_callback: bool = False,
-                 restore_callback_states: bool = False) -> tuple[Any, Any]:
+                 restore_callback_states: bool = False, callback_options: dict[str, Any] | None = None,
+                 ) -> tuple[Any, Any]:
     """A Trainer (learning rate 0: the weights, hence MIR, never change) with the callback
     passed exactly as a user would (``callbacks=[...]``, or ``trainer.add_callback`` after
-    construction); returns ``(trainer, callback)``."""
+    construction); returns ``(trainer, callback)``. ``step``: the callback's ``probe_step``;
+    ``callback_options``: further arguments of the callback."""
     from transformers import Trainer, TrainingArguments
 
     from mir_lightning import MIRPlateau
@@ -65,7 +67,8 @@ def make_trainer(output_dir: str, *, max_steps: int, every_n_steps: int | None =
         ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None, ddp_timeout=120,
     )
     stopper = MIRPlateau(patience=patience, min_delta=min_delta) if patience else None
-    kwargs = {"step": step} if step is not None else {}
+    kwargs = {"probe_step": step} if step is not None else {}
+    kwargs.update(callback_options or {})
     callback = MIRTrainerCallback(probe_batches(), every_n_steps=every_n_steps, early_stopping=stopper, **kwargs)
     trainer = Trainer(model=model, args=args, train_dataset=train_examples(),
                       eval_dataset=train_examples(8) if eval_steps else None,

@@ -312,3 +312,105 @@ def test_ddp_spawn_two_processes_equal_one(tmp_path):
     # the probe path during training (lr 0: the weights of the reference)
     ref_mir, _, _ = reference_for(TinyLlava(), make_batches(n_batches=3, seed=50))
     assert abs(_ddp_probe_fit(tmp_path) - ref_mir) < 1e-9
+
+
+class NoForward(TinyLlava):
+    """A LightningModule that runs its model in its steps only (no forward of its own)."""
+
+    forward = pl.LightningModule.forward
+
+
+def test_module_without_forward_is_told_about_probe_step(tmp_path):
+    # before: "NotImplementedError: Module [NoForward] is missing the required "forward" function"
+    module = NoForward()
+    cb = MIRCallback(probe_dataloader=loader(make_batches(n_batches=2, seed=50)))
+    trainer = pl.Trainer(logger=False, callbacks=[cb], **TRAINER)
+    with pytest.warns(UserWarning, match=r"probe_step="):
+        trainer.validate(module, loader(make_batches(n_batches=1)), verbose=False)
+    assert math.isnan(float(trainer.callback_metrics["mir"]))
+    # the fix the message names works
+    cb = MIRCallback(probe_dataloader=loader(make_batches(n_batches=2, seed=50)),
+                     probe_step=lambda m, batch: m.model(**batch))
+    trainer = pl.Trainer(logger=False, callbacks=[cb], **TRAINER)
+    trainer.validate(module, loader(make_batches(n_batches=1)), verbose=False)
+    ref_mir, _, _ = reference_for(module, make_batches(n_batches=2, seed=50))
+    assert abs(float(trainer.callback_metrics["mir"]) - ref_mir) < 1e-6
+
+
+def test_early_stopping_argument_stops_at_the_plateau(tmp_path):
+    """MIRCallback(early_stopping=MIRPlateau(...)): the rule after each step-time probe, the
+    decision through the strategy; a frozen model's flat MIR stops at the third probe."""
+    from mir_lightning import MIRPlateau
+
+    module = TinyLlava(lr=0.0)
+    cb = MIRCallback(probe_dataloader=loader(make_batches(n_batches=2, seed=7)), every_n_steps=2,
+                     early_stopping=MIRPlateau(patience=2, min_delta=1e-6), log_figures=False)
+    trainer = pl.Trainer(callbacks=[cb], logger=False, max_steps=40, enable_checkpointing=False, **TRAINER)
+    trainer.fit(module, loader(make_batches(n_batches=20)))
+    assert trainer.global_step == 6
+    assert [h.step for h in cb.history] == [2, 4, 6]
+    assert cb.early_stopping.stopped and len(cb.early_stopping.recent) == 3
+
+
+def _warn_once_per_location():
+    import warnings
+
+    warnings.warn("a warning Python shows once per location", UserWarning)
+
+
+class WarnsAtStep(pl.Callback):
+    """Warns (always from the same line) at one global step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            _warn_once_per_location()
+
+
+def test_measurement_with_figures_does_not_reset_the_warnings_registry(tmp_path):
+    """A warning shown once (Python's default action) before a measurement with TensorBoard
+    figures stays silent after it. Before: the figures (matplotlib's set_ticklabels) and the
+    callback's own warnings.catch_warnings() reset the registry, so it was shown again."""
+    import warnings
+
+    cb = MIRCallback(probe_dataloader=loader(make_batches(n_batches=2, seed=7)), every_n_steps=2)
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    trainer = pl.Trainer(callbacks=[WarnsAtStep(2), cb, WarnsAtStep(2)], logger=logger, max_steps=2,
+                         enable_checkpointing=False, **TRAINER)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        trainer.fit(TinyLlava(lr=0.0), loader(make_batches(n_batches=2)))
+    assert read_image_tags(os.path.join(str(tmp_path), "tb", "version_0"))["mir/per_layer"] == [2]
+    assert sum("shows once per location" in str(w.message) for w in caught) == 1
+
+
+class RecordStop(pl.Callback):
+    """Writes each rank's final global step to ``folder/rank{r}.txt`` at teardown."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def teardown(self, trainer, pl_module, stage):
+        with open(os.path.join(self.folder, f"rank{trainer.global_rank}.txt"), "w") as f:
+            f.write(str(trainer.global_step))
+
+
+def _ddp_plateau_fit(folder):
+    """Step-time probe on 2 ranks with MIRCallback(early_stopping=...): lr 0, flat MIR."""
+    from mir_lightning import MIRPlateau
+
+    cb = MIRCallback(probe_dataloader=loader(make_batches(n_batches=3, seed=50)), every_n_steps=1, log_figures=False,
+                     early_stopping=MIRPlateau(patience=2, min_delta=1e-6))
+    trainer = pl.Trainer(strategy=_spawn_strategy(find_unused_parameters=True), accelerator="cpu", devices=2,
+                         logger=False, callbacks=[cb, RecordStop(folder), DestroyProcessGroup()], max_steps=10,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(LazyTinyLlava(), loader(make_batches(n_batches=10)))
+
+
+def test_ddp_spawn_early_stopping_argument_stops_every_rank_at_one_step(tmp_path):
+    # the decision goes through trainer.strategy.reduce_boolean_decision: a rank that went on
+    # alone would hang in DDP's next all-reduce (60 s process-group timeout: a failure)
+    _ddp_plateau_fit(str(tmp_path))
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["3", "3"]

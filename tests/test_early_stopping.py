@@ -112,3 +112,42 @@ def test_bad_arguments_are_refused():
         MIREarlyStopping(min_delta=-0.1)
     with pytest.raises(ValueError, match="mode"):
         MIREarlyStopping(mode="max")
+
+
+def test_overrides_no_private_lightning_method():
+    """A reader of callback_metrics on Lightning's public callback hooks: none of its methods
+    replaces a private method of Lightning's Callback (before: it subclassed EarlyStopping and
+    overrode _evaluate_stopping_criteria / _run_early_stopping_check)."""
+    from lightning.pytorch.callbacks import Callback, EarlyStopping
+
+    assert not issubclass(MIREarlyStopping, EarlyStopping)
+    for cls in MIREarlyStopping.__mro__[1:]:
+        if cls.__module__.startswith("lightning"):
+            own = {n for n in vars(MIREarlyStopping) if n.startswith("_") and not n.startswith("__")}
+            assert not own & set(vars(cls)), own & set(vars(cls))
+    assert issubclass(MIREarlyStopping, Callback)
+
+
+@pytest.mark.parametrize("stopper_first", [True, False])
+def test_step_time_values_are_checked_once_in_either_callback_order(tmp_path, stopper_first):
+    """A value a callback puts in callback_metrics during training (as MIRCallback does at a
+    step-time probe, announcing it with on_mir_measurement) is checked at that step, once,
+    whichever callback comes first."""
+
+    class StepValues(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step % 2 == 0:
+                trainer.callback_metrics["mir"] = torch.tensor(1.0)  # a new tensor: a new value
+                for cb in trainer.callbacks:
+                    if cb is not self and hasattr(cb, "on_mir_measurement"):
+                        cb.on_mir_measurement(trainer, "mir")
+
+    stopper = MIREarlyStopping(monitor="mir", min_delta=1e-6, patience=2)
+    callbacks = [stopper, StepValues()] if stopper_first else [StepValues(), stopper]
+    data = DataLoader(torch.zeros(40, 2), batch_size=1)
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=40, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks,
+                         limit_val_batches=0)
+    trainer.fit(ScriptedMIR([]), data)
+    assert trainer.global_step == 6  # values at steps 2, 4, 6: the third completes the plateau
+    assert len(stopper.recent) == 3

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from hf_trainer_script import SEED, make_trainer, probe_batches
+from mir_lightning.metric import STAT_KEYS
 from lightning_helpers import official_masks, read_image_tags, read_scalars
 from reference import reference_mir
 from vlm_factory import make_tiny_vlm
@@ -84,7 +85,8 @@ def test_mir_every_n_steps_with_evaluation_off(tmp_path, monkeypatch, reference)
         assert [s for s, _ in scalars[f"train/mir/fd/layer_{k:02d}"]] == [2, 4, 6]
         assert all(abs(v - fd) < 1e-6 * fd for _, v in scalars[f"train/mir/fd/layer_{k:02d}"])  # float32 storage
     assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6]
-    assert read_image_tags(str(tmp_path / "tb")) == {"mir/per_layer": [2, 4, 6], "mir/history": [2, 4, 6]}
+    # figures under the same train/ prefix as the scalars (before: "mir/per_layer", "mir/history")
+    assert read_image_tags(str(tmp_path / "tb")) == {"train/mir/per_layer": [2, 4, 6], "train/mir/history": [2, 4, 6]}
 
 
 def test_after_each_evaluation_at_most_once_per_step(tmp_path, reference):
@@ -120,6 +122,10 @@ def test_resume_continues_history_and_patience(tmp_path, reference, restore_call
         assert_equals_reference(entry, reference)
     assert [h["step"] for h in callback.history] == [2, 4, 6, 8]
     assert callback.early_stopping.wait_count == 3 and callback.early_stopping.stopped
+    # the entries before the resume are the typed ones saved with the checkpoint: every
+    # per-layer statistic (before: parsed back from the logged tag names, fd and norm_ratio only)
+    assert all(set(h.stats) == set(STAT_KEYS) and h.layers == [0, 1, 2] for h in callback.history)
+    assert callback.history[0].stats["mean_term"] == pytest.approx(callback.history[-1].stats["mean_term"], rel=1e-12)
 
 
 def test_without_the_trainer_it_still_records_and_writes_tensorboard(tmp_path, monkeypatch, reference):
@@ -141,7 +147,7 @@ def test_without_the_trainer_it_still_records_and_writes_tensorboard(tmp_path, m
     scalars = read_scalars(str(tmp_path / "tb"))
     assert [(s, v) for s, v in scalars["train/mir"]] == [(e["step"], float(np.float32(e["mir"]))) for e in logged]
     assert [s for s, _ in scalars["train/loss"]] == [2, 4]  # the Trainer's own TensorBoard writer
-    assert read_image_tags(str(tmp_path / "tb")) == {"mir/per_layer": [2, 4], "mir/history": [2, 4]}
+    assert read_image_tags(str(tmp_path / "tb")) == {"train/mir/per_layer": [2, 4], "train/mir/history": [2, 4]}
 
 
 def _free_port() -> int:
@@ -158,6 +164,8 @@ def test_torchrun_two_ranks_log_the_same_values_and_stop_together(tmp_path, refe
                "--every-n-steps", "2", "--patience", "2"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # the stop is announced once, by rank 0: the Trainer logger's line and the Python warning
+    assert (done.stdout + done.stderr).count("MIR has plateaued") == 2, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     # the probe's forwards went through the Trainer's DDP wrapper
@@ -188,3 +196,47 @@ def test_bad_arguments_are_refused():
     with pytest.raises(TypeError, match="outlier_sigmaa"):
         MIRTrainerCallback(batches, 10, outlier_sigmaa=3.0)
     assert MIRTrainerCallback(batches, 10, early_stopping=MIRPlateau(3, 0.02)).every_n_steps == 10
+
+
+def test_plateau_stop_is_announced_with_its_reason(tmp_path):
+    """Before: the reason went to log.info, hidden at transformers' default level; the run
+    just ended at step 6 of 20 with nothing printed."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    trainer_logger = logging.getLogger("transformers.trainer")
+    handler = Keep(level=logging.DEBUG)
+    trainer_logger.addHandler(handler)
+    try:
+        trainer, _ = make_trainer(str(tmp_path), max_steps=20, every_n_steps=2, patience=2, report_to="none")
+        with pytest.warns(UserWarning, match=r"MIR has plateaued.*stopping training at step 6"):
+            trainer.train()
+    finally:
+        trainer_logger.removeHandler(handler)
+    assert trainer.state.global_step == 6
+    announced = [r for r in records if "MIR has plateaued" in r.getMessage()]
+    assert len(announced) == 1 and "step 6" in announced[0].getMessage()
+    # shown at transformers' default verbosity (warning)
+    assert announced[0].levelno >= logging.WARNING
+    from transformers.utils import logging as hf_logging
+
+    assert announced[0].levelno >= hf_logging.get_verbosity()
+
+
+def test_name_and_log_figures_options(tmp_path, monkeypatch, reference):
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    trainer, callback = make_trainer(str(tmp_path), max_steps=4, every_n_steps=2,
+                                     callback_options=dict(name="mir_probe", log_figures=False))
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "mir_probe" in e]
+    assert [e["step"] for e in logged] == [2, 4] and not mir_entries(trainer.state.log_history)
+    assert abs(logged[-1]["mir_probe"] - reference[0]) < TOL
+    assert abs(logged[-1]["mir_probe/fd/layer_01"] - reference[1][1]) < TOL * reference[1][1]
+    scalars = read_scalars(str(tmp_path / "tb"))
+    assert [s for s, _ in scalars["train/mir_probe"]] == [2, 4]
+    assert read_image_tags(str(tmp_path / "tb")) == {}  # log_figures=False: no figure (before: refused)

@@ -20,26 +20,28 @@ includes it) and warns once.
 from __future__ import annotations
 
 import inspect
-import logging
-import math
+import json
 import os
-import re
 import warnings
 import weakref
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.utils import logging as hf_logging
 
-from mir_lightning.metric import STAT_KEYS
+from mir_lightning.capture import LayersArg, MaskFn
 from mir_lightning.plateau import MIRPlateau
+from mir_lightning.probe import MIRProbe, StepFn, renamed_argument
+from mir_lightning.publish import MIRHistoryEntry, MIRPublisher
 
 __all__ = ["MIRTrainerCallback"]
 
-log = logging.getLogger(__name__)
+# the Trainer's own logger: its warnings are shown at transformers' default verbosity
+trainer_log = hf_logging.get_logger("transformers.trainer")
 
-MIR_KEY = "mir"
-_LAYER_KEY = re.compile(rf"^{MIR_KEY}/(?P<stat>[^/]+)/layer_(?P<layer>\d+)$")
+TRAIN_PREFIX = "train/"  # what the Trainer's TensorBoard integration puts before training-time logs
+STATE_FILE = "mir_state.json"  # the callback's history, in each checkpoint folder
 
 
 def _find_trainer(callback: TrainerCallback) -> Any | None:
@@ -59,6 +61,23 @@ def _find_trainer(callback: TrainerCallback) -> Any | None:
         del frame
 
 
+def _resumed_checkpoint(trainer: Any) -> str | None:
+    """The checkpoint folder ``trainer`` resumes from, read from its training loop's
+    ``resume_from_checkpoint`` argument on the call stack (``on_train_begin`` is called from
+    that loop); None for a fresh run."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_locals.get("self") is trainer:
+                folder = frame.f_locals.get("resume_from_checkpoint")
+                if isinstance(folder, (str, os.PathLike)):
+                    return os.fspath(folder)
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
 class MIRTrainerCallback(TrainerCallback):
     """Measure the Modality Integration Rate (arXiv 2410.07167) during ``Trainer.train()``.
 
@@ -67,36 +86,41 @@ class MIRTrainerCallback(TrainerCallback):
     DeepSpeed engine or FSDP) in eval mode without gradients; MIR is merged across ranks, so
     every rank logs the same values. Logged at the step of the probe, once:
 
-    * ``mir``: log10 of the per-layer Fréchet distances' sum (NaN when the probe failed);
-    * ``mir/{stat}/layer_{k:02d}`` for each ``stat`` in ``log_layer_stats``;
-    * on TensorBoard also the figures ``mir/per_layer`` and ``mir/history`` (layer x step).
+    * ``{name}`` (default ``mir``): log10 of the per-layer Fréchet distances' sum (NaN when
+      the probe failed);
+    * ``{name}/{stat}/layer_{k:02d}`` for each ``stat`` in ``log_layer_stats``;
+    * on TensorBoard also the figures ``train/{name}/per_layer`` and ``train/{name}/history``
+      (layer x step), next to the scalars (``train/{name}``...).
 
     With ``early_stopping=MIRPlateau(patience, min_delta)`` training stops
     (``control.should_training_stop``) once the last ``patience + 1`` values lie within
-    ``min_delta``; every rank decides alike, from the merged MIR it holds.
+    ``min_delta``; every rank decides alike, from the merged MIR it holds. The stop and its
+    reason are announced on rank zero through the Trainer's logger (a warning, shown at
+    transformers' default verbosity) and ``warnings.warn``.
 
-    Resume: ``trainer.train(resume_from_checkpoint=...)`` restores ``state.log_history``; at
-    ``on_train_begin`` the callback rebuilds :attr:`history` and replays the plateau rule from
-    its ``mir`` entries, so curves and patience continue without gaps or duplicates (no
-    setting needed).
+    Resume: each checkpoint folder gets the callback's typed history (``mir_state.json``);
+    ``trainer.train(resume_from_checkpoint=...)`` restores it at ``on_train_begin`` and replays
+    the plateau rule over it, so curves and patience continue without gaps or duplicates (no
+    setting needed). A checkpoint without that file (written by an older version) gives the
+    MIR values of ``state.log_history`` instead.
 
     Args:
         probe_dataloader: the fixed probe set (an iterable of batches; mapping batches go to
-            ``model(**batch)`` unless ``step=`` is given). Sharded over ranks by the probe.
+            ``model(**batch)`` unless ``probe_step=`` is given). Sharded over ranks by the probe.
         every_n_steps: run every this many optimizer steps (``state.global_step``); None: only
             after evaluations.
         on_evaluate: also run after each evaluation (at most once per step).
         early_stopping: a :class:`~mir_lightning.MIRPlateau`, or None.
+        name: logged key of MIR.
         log_layer_stats: per-layer statistics to log (keys of
             ``ModalityIntegrationRate.per_layer_stats()``); ``()`` for none.
-        probe_kwargs: passed to :class:`~mir_lightning.probe.MIRProbe` (``step``, ``layers``,
-            ``masks``, ``image_token_id``, ``layer_indices``, ``text_tokens``,
-            ``hidden_size``, metric settings such as ``outlier_sigma``).
+        log_figures: write the figures to TensorBoard (rank zero).
+        probe_step, layers, masks, image_token_id, layer_indices, text_tokens, process_group,
+            hidden_size, metric_kwargs: as in :class:`~mir_lightning.probe.MIRProbe`
+            (``step=`` is ``probe_step``'s former, deprecated name).
 
     Attributes:
-        history: one dict per probe, in step order: ``step``, ``mir``, ``layers`` (layer ids)
-            and the per-layer lists of the probe's statistics (after a resume, those of the
-            earlier probes come from ``log_history``: the logged ``log_layer_stats`` only).
+        history: one :class:`~mir_lightning.publish.MIRHistoryEntry` per probe, in step order.
     """
 
     def __init__(
@@ -106,37 +130,52 @@ class MIRTrainerCallback(TrainerCallback):
         *,
         on_evaluate: bool = True,
         early_stopping: MIRPlateau | None = None,
+        name: str = "mir",
         log_layer_stats: Sequence[str] = ("fd", "norm_ratio"),
-        **probe_kwargs: Any,
+        log_figures: bool = True,
+        probe_step: StepFn | None = None,
+        layers: LayersArg = None,
+        masks: MaskFn | None = None,
+        image_token_id: int | None = None,
+        layer_indices: Sequence[int] | slice | None = None,
+        text_tokens: Literal["after_image", "all"] = "after_image",
+        process_group: Any = None,
+        hidden_size: int | None = None,
+        **metric_kwargs: Any,
     ) -> None:
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or int(every_n_steps) != every_n_steps
                                           or every_n_steps < 1):
             raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}")
         if every_n_steps is None and not on_evaluate:
             raise ValueError("MIRTrainerCallback would never run: give every_n_steps= or keep on_evaluate=True")
-        if early_stopping is not None and not isinstance(early_stopping, MIRPlateau):
-            raise TypeError(f"early_stopping must be a mir_lightning.MIRPlateau or None, got {type(early_stopping).__name__}")
-        if isinstance(log_layer_stats, str):
-            log_layer_stats = (log_layer_stats,)
-        unknown = [key for key in log_layer_stats if key not in STAT_KEYS]
-        if unknown:
-            raise ValueError(f"unknown log_layer_stats {unknown}; known: {list(STAT_KEYS)}")
-        from mir_lightning.probe import MIRProbe
-
-        self.probe = MIRProbe(probe_dataloader, **probe_kwargs)
+        self.publisher = MIRPublisher(name, log_layer_stats, log_figures=log_figures, early_stopping=early_stopping,
+                                      owner="MIRTrainerCallback")
+        probe_step = renamed_argument(metric_kwargs, "step", "probe_step", probe_step, "MIRTrainerCallback")
+        self.probe = MIRProbe(probe_dataloader, probe_step=probe_step, layers=layers, masks=masks,
+                              image_token_id=image_token_id, layer_indices=layer_indices, text_tokens=text_tokens,
+                              process_group=process_group, hidden_size=hidden_size, **metric_kwargs)
         self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
         self.run_on_evaluate = bool(on_evaluate)
-        self.early_stopping = early_stopping
-        self.log_layer_stats = tuple(log_layer_stats)
-        self.history: list[dict[str, Any]] = []
         self._trainer: weakref.ReferenceType | None = None
         self._own_writer: Any = None
         self._warned: set[str] = set()
 
+    @property
+    def name(self) -> str:
+        return self.publisher.tags.name
+
+    @property
+    def early_stopping(self) -> MIRPlateau | None:
+        return self.publisher.early_stopping
+
+    @property
+    def history(self) -> list[MIRHistoryEntry]:
+        return self.publisher.history
+
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        self._attach_trainer()
-        self._rebuild(state.log_history)
+        trainer = self._attach_trainer()
+        self._restore(state, _resumed_checkpoint(trainer) if trainer is not None else None)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self.every_n_steps is not None and state.global_step % self.every_n_steps == 0:
@@ -145,6 +184,14 @@ class MIRTrainerCallback(TrainerCallback):
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self.run_on_evaluate:
             self.measure(args, state, control, kwargs.get("model"))
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if args.should_save and os.path.isdir(folder):
+            with open(os.path.join(folder, self._state_file), "w") as handle:
+                json.dump(self.publisher.state_dict(), handle)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self._own_writer is not None:
@@ -158,36 +205,27 @@ class MIRTrainerCallback(TrainerCallback):
         plateau rule; returns MIR. Does nothing (returns the recorded MIR) when this step was
         already measured."""
         step = int(state.global_step)
-        if self.history and self.history[-1]["step"] == step:
-            return self.history[-1]["mir"]
+        if self.publisher.last_step == step:
+            return self.history[-1].mir
         trainer = self.trainer or self._attach_trainer()
         target = getattr(trainer, "model_wrapped", None) if trainer is not None else None
         target = target if target is not None else (model if model is not None else getattr(trainer, "model", None))
         if target is None:
             raise RuntimeError("MIRTrainerCallback: the Trainer handed no model to the callback")
-        result = self.probe.run(target)
-        if result.error is not None and state.is_world_process_zero:
-            warnings.warn(f"MIRTrainerCallback: MIR could not be computed at step {step} ({result.error}); logging NaN",
-                          stacklevel=2)
-        entry = {"step": step, "mir": float(result.mir), "layers": [int(k) for k in result.layers]}
-        if result.error is None:
-            entry.update({key: [float(v) for v in value.tolist()] for key, value in result.stats.items()})
-        self.history.append(entry)
-        self._log(args, state, control, self._scalars(entry))
-        if state.is_world_process_zero and result.error is None:
-            self._write_figures(step, entry)
-        if self.early_stopping is not None and self.early_stopping.update(entry["mir"]):
+        published = self.publisher.publish(step, self.probe.run(target))
+        entry = published.entry
+        if entry.error is not None and state.is_world_process_zero:
+            warnings.warn(self.publisher.failure_message(entry), stacklevel=2)
+        self._log(args, state, control, published.scalars)
+        if state.is_world_process_zero:
+            writer = self._tensorboard_writer()
+            self.publisher.write_figures(entry, [writer] if writer is not None else [], prefix=TRAIN_PREFIX)
+        if published.stop:
             control.should_training_stop = True
             if state.is_world_process_zero:
-                log.info("MIRTrainerCallback: %s; stopping training at step %d", self.early_stopping.describe(), step)
-        return entry["mir"]
-
-    def _scalars(self, entry: dict[str, Any]) -> dict[str, float]:
-        values = {MIR_KEY: entry["mir"]}
-        for key in self.log_layer_stats:
-            for layer, value in zip(entry["layers"], entry.get(key, ())):
-                values[f"{MIR_KEY}/{key}/layer_{layer:02d}"] = value
-        return values
+                trainer_log.warning(published.stop_reason)
+                warnings.warn(published.stop_reason, stacklevel=2)
+        return entry.mir
 
     # ------------------------------------------------------------------ logging
     @property
@@ -225,7 +263,7 @@ class MIRTrainerCallback(TrainerCallback):
             writer = self._fallback_writer(args)
             if writer is not None:
                 for key, value in values.items():
-                    writer.add_scalar(f"train/{key}", value, state.global_step)
+                    writer.add_scalar(TRAIN_PREFIX + key, value, state.global_step)
                 writer.flush()
 
     def _fallback_writer(self, args: TrainingArguments) -> Any | None:
@@ -256,47 +294,24 @@ class MIRTrainerCallback(TrainerCallback):
                 return callback.tb_writer
         return None
 
-    def _write_figures(self, step: int, entry: dict[str, Any]) -> None:
-        writer = self._tensorboard_writer()
-        if writer is None:
-            return
-        try:
-            from mir_lightning.plotting import measurement_figures
-
-            for tag, figure in measurement_figures(MIR_KEY, step, entry, self.history).items():
-                writer.add_figure(tag, figure, global_step=step, close=True)
-            writer.flush()
-        except Exception as err:  # figures are a bonus: never stop training for them
-            self._warn_once("figures", f"MIRTrainerCallback: TensorBoard figures skipped ({type(err).__name__}: {err})")
-
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
 
     # ------------------------------------------------------------------ resume
-    def _rebuild(self, log_history: Sequence[dict[str, Any]]) -> None:
-        """History and plateau state from the ``mir`` entries of ``log_history`` (restored
-        from the checkpoint on resume; empty on a fresh run), one entry per step."""
-        by_step: dict[int, dict[str, Any]] = {}
-        for logged in log_history:
-            if MIR_KEY in logged and "step" in logged:
-                by_step[int(logged["step"])] = self._entry_from_log(logged)
-        self.history = [by_step[step] for step in sorted(by_step)]
-        if self.early_stopping is not None:
-            self.early_stopping.reset()
-            for entry in self.history:
-                self.early_stopping.update(entry["mir"])
+    @property
+    def _state_file(self) -> str:
+        return STATE_FILE if self.name == "mir" else f"{self.name.replace('/', '_')}_state.json"
 
-    @staticmethod
-    def _entry_from_log(logged: dict[str, Any]) -> dict[str, Any]:
-        per_stat: dict[str, dict[int, float]] = {}
-        for key, value in logged.items():
-            match = _LAYER_KEY.match(key)
-            if match:
-                per_stat.setdefault(match["stat"], {})[int(match["layer"])] = float(value)
-        layers = sorted({layer for values in per_stat.values() for layer in values})
-        entry: dict[str, Any] = {"step": int(logged["step"]), "mir": float(logged[MIR_KEY]), "layers": layers}
-        for stat, values in per_stat.items():
-            entry[stat] = [values.get(layer, math.nan) for layer in layers]
-        return entry
+    def _restore(self, state: TrainerState, checkpoint: str | None) -> None:
+        """History and plateau state of a resumed run: the typed entries saved in the checkpoint
+        folder, else the MIR values of the restored ``log_history`` (empty on a fresh run)."""
+        saved = os.path.join(checkpoint, self._state_file) if checkpoint else None
+        if saved is not None and os.path.isfile(saved):
+            with open(saved) as handle:
+                self.publisher.load_state_dict(json.load(handle))
+            return
+        name = self.name
+        self.publisher.restore([MIRHistoryEntry(int(logged["step"]), float(logged[name]), [])
+                                for logged in state.log_history if name in logged and "step" in logged])

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from mir_lightning.capture import LayersArg
 from mir_lightning.measurement import FailureKind, Measurement, MIRResult
-from mir_lightning.probe import MIRProbe
+from mir_lightning.plateau import MIRPlateau
+from mir_lightning.probe import MIRProbe, renamed_argument
+from mir_lightning.publish import MIRHistoryEntry, MIRPublisher
 
 
 class MIRCallback(Callback):
@@ -26,7 +27,7 @@ class MIRCallback(Callback):
       layer by layer, so no run ever holds all hidden states;
     * with ``probe_dataloader``: on that fixed probe set (the paper's protocol) at the end of
       each validation run, through :class:`~mir_lightning.MIRProbe`;
-    * with ``probe_dataloader`` and ``every_n_train_steps=N``: on the probe set every N
+    * with ``probe_dataloader`` and ``every_n_steps=N``: on the probe set every N
       optimizer steps during training, with or without a validation loop (and then not at
       validation runs).
 
@@ -40,6 +41,12 @@ class MIRCallback(Callback):
     per-layer figure and a layer x step heatmap of the history (rank zero only). A failure
     is a warning and a NaN value on every rank, never a crash.
 
+    With ``early_stopping=MIRPlateau(patience, min_delta)`` training stops once the last
+    ``patience + 1`` values lie within ``min_delta``, decided after every measurement through
+    ``trainer.strategy.reduce_boolean_decision`` (every rank stops at the same step) and
+    announced on rank zero. (:class:`~mir_lightning.MIREarlyStopping` does the same from
+    ``trainer.callback_metrics``, with Lightning ``EarlyStopping``'s options.)
+
     Args:
         layers: the modules whose outputs are the LLM's per-layer hidden states (a list,
             or a function of the LightningModule returning one). Default: found
@@ -52,10 +59,12 @@ class MIRCallback(Callback):
         probe_dataloader: a fixed probe set measured instead of the validation batches.
             Under DDP give every rank the same loader: batches are sharded across ranks
             without repetition, every rank running the same number of forwards.
-        every_n_train_steps: measure the probe set every N optimizer steps during training
-            (needs ``probe_dataloader``); ``None``: at validation runs.
+        every_n_steps: measure the probe set every N optimizer steps during training
+            (needs ``probe_dataloader``); ``None``: at validation runs. (``every_n_train_steps``
+            is its former, deprecated name.)
         probe_step: how to run the model on a probe batch: ``probe_step(pl_module, batch)``.
-            Default: ``pl_module(batch)``.
+            Default: ``pl_module(batch)`` (a LightningModule without ``forward`` needs one,
+            e.g. ``lambda module, batch: module.model(**batch)``).
         source: ``"hooks"`` (default) or ``"step_output"``: read ``hidden_states`` (a
             ``[L, B, T, D]`` tensor or list of ``[B, T, D]``), ``vision_mask``, ``text_mask``
             from the dict returned by ``validation_step`` (for models that insert image
@@ -67,8 +76,9 @@ class MIRCallback(Callback):
             token) or ``"all"`` (every non-image, non-padding token), for id-built masks.
         name: logged key of MIR.
         log_layer_stats: per-layer statistics to log as scalars (keys of
-            ``per_layer_stats()``); ``()`` for none.
+            ``per_layer_stats()``); ``()`` for none. Unknown keys are refused here.
         log_figures: write matplotlib figures to TensorBoard loggers.
+        early_stopping: a :class:`~mir_lightning.MIRPlateau`, or None.
         hidden_size: width D; inferred when possible.
         metric_kwargs: passed to :class:`ModalityIntegrationRate` (``outlier_sigma``,
             ``sqrt_mode``, ``state_dtype``, ``max_outliers``...); other names are refused.
@@ -80,7 +90,7 @@ class MIRCallback(Callback):
         masks: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
         *,
         probe_dataloader: Iterable | None = None,
-        every_n_train_steps: int | None = None,
+        every_n_steps: int | None = None,
         probe_step: Callable[["pl.LightningModule", Any], Any] | None = None,
         source: Literal["hooks", "step_output"] = "hooks",
         layer_indices: Sequence[int] | slice | None = None,
@@ -89,37 +99,65 @@ class MIRCallback(Callback):
         name: str = "mir",
         log_layer_stats: Sequence[str] = ("fd", "norm_ratio"),
         log_figures: bool = True,
+        early_stopping: MIRPlateau | None = None,
         hidden_size: int | None = None,
         **metric_kwargs: Any,
     ) -> None:
         super().__init__()
+        every_n_steps = renamed_argument(metric_kwargs, "every_n_train_steps", "every_n_steps", every_n_steps,
+                                         "MIRCallback")
         if source not in ("hooks", "step_output"):
             raise ValueError(f"source must be 'hooks' or 'step_output', got {source!r}")
-        if every_n_train_steps is not None:
+        if every_n_steps is not None:
             if probe_dataloader is None:
-                raise ValueError("every_n_train_steps needs probe_dataloader= (the batches to measure during training)")
-            if int(every_n_train_steps) < 1:
-                raise ValueError(f"every_n_train_steps must be a positive integer, got {every_n_train_steps}")
+                raise ValueError("every_n_steps needs probe_dataloader= (the batches to measure during training)")
+            if isinstance(every_n_steps, bool) or int(every_n_steps) != every_n_steps or every_n_steps < 1:
+                raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
         if probe_dataloader is not None and source != "hooks":
             raise ValueError("probe_dataloader= measures through hooks: it cannot be combined with source='step_output'")
+        self.publisher = MIRPublisher(name, log_layer_stats, log_figures=log_figures, early_stopping=early_stopping,
+                                      owner="MIRCallback")
         self.probe_dataloader = probe_dataloader
-        self.every_n_train_steps = None if every_n_train_steps is None else int(every_n_train_steps)
+        self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
         self.probe_step = probe_step
         self.source = source
         self.layer_indices = layer_indices
-        self.name = name
-        self.log_layer_stats = tuple(log_layer_stats)
-        self.log_figures = log_figures
         options = dict(layers=layers, masks=masks, image_token_id=image_token_id, layer_indices=layer_indices,
                        text_tokens=text_tokens, hidden_size=hidden_size)
         self.measurement = Measurement(**options, metric_kwargs=metric_kwargs, owner="MIRCallback")
         self.probe: MIRProbe | None = None
         if probe_dataloader is not None:
-            self.probe = MIRProbe(probe_dataloader, step=probe_step or _call_module, **options, **metric_kwargs)
+            self.probe = MIRProbe(probe_dataloader, probe_step=probe_step or _call_module, **options, **metric_kwargs)
             self.measurement = self.probe.measurement
-        self.history: list[dict[str, Any]] = []
         self._running = False
         self._forwards = 0
+
+    @property
+    def name(self) -> str:
+        """Logged key of MIR."""
+        return self.publisher.tags.name
+
+    @property
+    def log_layer_stats(self) -> tuple[str, ...]:
+        return self.publisher.tags.log_layer_stats
+
+    @property
+    def log_figures(self) -> bool:
+        return self.publisher.log_figures
+
+    @property
+    def early_stopping(self) -> MIRPlateau | None:
+        return self.publisher.early_stopping
+
+    @property
+    def every_n_train_steps(self) -> int | None:
+        """Former name of :attr:`every_n_steps`."""
+        return self.every_n_steps
+
+    @property
+    def history(self) -> list[MIRHistoryEntry]:
+        """One entry per measurement, in step order (typed; also readable as the former dicts)."""
+        return self.publisher.history
 
     @property
     def state_key(self) -> str:
@@ -132,7 +170,7 @@ class MIRCallback(Callback):
 
     # ------------------------------------------------------------------ validation runs
     def _measures_validation(self, trainer: "pl.Trainer") -> bool:
-        return not trainer.sanity_checking and self.every_n_train_steps is None
+        return not trainer.sanity_checking and self.every_n_steps is None
 
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self._measures_validation(trainer):
@@ -178,25 +216,24 @@ class MIRCallback(Callback):
         if self.probe is not None:
             result = self._run_probe(trainer, pl_module)
         else:
-            result = self._quietly(lambda: self.measurement.finish(self._forwards))
+            result = self.measurement.finish(self._forwards)
         self._publish(trainer, result)
 
     # ------------------------------------------------------------------ training steps
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        n, step = self.every_n_train_steps, trainer.global_step
-        if n is None or step == 0 or step % n or step <= self._last_step():
+        n, step = self.every_n_steps, trainer.global_step
+        if n is None or step == 0 or step % n or step <= self.publisher.last_step:
             return  # (several micro-batches share a step under gradient accumulation)
         self._publish(trainer, self._run_probe(trainer, pl_module))
-        from mir_lightning.adapters.early_stopping import MIREarlyStopping
-
-        for stopper in trainer.callbacks:  # decide at this step, whichever callback comes first
-            if isinstance(stopper, MIREarlyStopping) and stopper.monitor == self.name:
-                stopper.check_step_measurement(trainer)
+        for listener in trainer.callbacks:  # e.g. MIREarlyStopping: decide at this step, in any callback order
+            hook = getattr(listener, "on_mir_measurement", None)
+            if listener is not self and callable(hook):
+                hook(trainer, self.name)
 
     def _run_probe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> MIRResult:
-        return self._quietly(lambda: self.probe.run(self._probe_model(trainer, pl_module)))
+        return self.probe.run(self._probe_model(trainer, pl_module))
 
     def _probe_model(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> nn.Module:
         """What the probe's forwards go through: Lightning's root FSDP1 wrapper when the strategy
@@ -211,76 +248,49 @@ class MIRCallback(Callback):
                 return wrapped
         return pl_module
 
-    def _last_step(self) -> int:
-        return self.history[-1]["step"] if self.history else -1
-
     # ------------------------------------------------------------------ results
-    @staticmethod
-    def _quietly(measure: Callable[[], MIRResult]) -> MIRResult:
-        """Run a measurement; its warnings are re-emitted once, on rank zero, as ours."""
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = measure()
-        for w in caught:
-            rank_zero_warn(f"MIRCallback: {w.message}")
-        return result
-
     def _publish(self, trainer: "pl.Trainer", result: MIRResult) -> None:
-        """Log, record and plot one measurement at ``trainer.global_step``."""
-        step = int(trainer.global_step)
-        if result.error is not None:
-            rank_zero_warn(f"MIRCallback: MIR could not be computed ({result.error}); {self.name} is NaN")
-        values = {self.name: result.mir}
-        if result.error is None:
-            for key in self.log_layer_stats:
-                for layer_id, value in zip(result.layers, result.stats[key].tolist()):
-                    values[f"{self.name}/{key}/layer_{layer_id:02d}"] = value
+        """Log, record and plot one measurement at ``trainer.global_step``; apply the plateau rule."""
+        published = self.publisher.publish(int(trainer.global_step), result)
+        entry = published.entry
+        if entry.error is not None:
+            rank_zero_warn(self.publisher.failure_message(entry))
         # identical on every rank already (the metric merged them): no sync needed
-        trainer.callback_metrics.update({key: torch.tensor(value, dtype=torch.float64) for key, value in values.items()})
+        trainer.callback_metrics.update(
+            {key: torch.tensor(value, dtype=torch.float64) for key, value in published.scalars.items()})
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(values, step=step)
-        self._record(step, result)
-        if self.log_figures and trainer.is_global_zero and result.error is None:
-            self._write_figures(trainer, step, result.stats)
-
-    def _record(self, step: int, result: MIRResult) -> None:
-        # a resumed run measuring again at or before a recorded step replaces those entries
-        self.history = [h for h in self.history if h["step"] < step]
-        entry: dict[str, Any] = {"step": step, "mir": result.mir, "layers": list(result.layers)}
-        if result.error is None:
-            entry.update({key: value.tolist() for key, value in result.stats.items()})
-        self.history.append(entry)
-
-    def _write_figures(self, trainer: "pl.Trainer", step: int, stats: dict[str, Tensor]) -> None:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not loggers:
-            return
-        try:
-            from mir_lightning.plotting import measurement_figures
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return
-        figures = measurement_figures(self.name, step, {k: v.tolist() for k, v in stats.items()}, self.history)
-        for logger in loggers:
-            for tag, fig in figures.items():
-                logger.experiment.add_figure(tag, fig, global_step=step, close=False)
-        for fig in figures.values():
-            plt.close(fig)
+                logger.log_metrics(published.scalars, step=entry.step)
+            self.publisher.write_figures(entry, _tensorboard_writers(trainer))
+        if self.early_stopping is not None:
+            stop = trainer.strategy.reduce_boolean_decision(published.stop, all=False)
+            if stop:
+                trainer.should_stop = True
+                rank_zero_info(published.stop_reason or f"MIRCallback: stopping training at step {entry.step}")
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [dict(h) for h in self.history]}
+        return self.publisher.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = [dict(h) for h in state_dict.get("history", [])]
+        self.publisher.load_state_dict(state_dict)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self.measurement.detach()
 
 
+def _tensorboard_writers(trainer: "pl.Trainer") -> list[Any]:
+    """The ``SummaryWriter`` of each TensorBoard logger of ``trainer``."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
 def _call_module(module: nn.Module, batch: Any) -> Any:
     """Lightning's default probe step: ``pl_module(batch)``."""
+    if isinstance(module, pl.LightningModule) and type(module).forward is pl.LightningModule.forward:
+        raise TypeError(
+            f"{type(module).__name__} defines no forward(), which the probe calls by default: pass "
+            "MIRCallback(probe_step=lambda module, batch: module.model(**batch)) (how to run one probe batch)"
+        )
     return module(batch)

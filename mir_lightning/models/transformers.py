@@ -52,9 +52,9 @@ _LM_ATTRS = ("language_model", "text_model", "llm", "decoder", "model", "transfo
 _IMAGE_TOKEN_ATTRS = ("image_token_id", "image_token_index", "image_token_ids")
 
 _UNSUPPORTED_HINT = (
-    "Pass the layers and masks explicitly instead: "
-    "MIRCallback(layers=[module_1, ..., module_K] or layers=lambda pl_module: [...], "
-    "masks=lambda batch: (vision_mask, text_mask)), where each module's forward output "
+    "Pass the layers and masks explicitly instead (arguments of MIRProbe, MIRCallback and MIRTrainerCallback): "
+    "layers=[module_1, ..., module_K] or layers=lambda model: [...], "
+    "masks=lambda batch: (vision_mask, text_mask), where each module's forward output "
     "(or the first element of its output tuple) is a [B, T, D] hidden state and the masks "
     "are bool [B, T]; for the command line, load the model with a supported architecture "
     "or choose the hidden states to use with --layers."
@@ -194,7 +194,7 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 
     Raises:
         ValueError: for an architecture whose decoder layers cannot be located; the
-            message names the ``layers=`` / ``masks=`` arguments of ``MIRCallback``.
+            message names the ``layers=`` / ``masks=`` arguments every adapter takes.
     """
     hf = unwrap_hf_model(model)
     stack = _find_decoder_stack(hf)
@@ -237,7 +237,7 @@ def find_hidden_state_modules(model: nn.Module) -> list[nn.Module]:
 
     Raises:
         ValueError: for an unsupported architecture (the message names the
-            ``layers=`` / ``masks=`` arguments of ``MIRCallback`` and ``--layers``).
+            ``layers=`` / ``masks=`` arguments every adapter takes, and ``--layers``).
     """
     layers = find_decoder_layers(model)
     norm = find_final_norm(model)
@@ -312,8 +312,8 @@ def find_image_token_id(model_or_config: Any) -> int:
     raise ValueError(
         f"{type(obj).__name__} has no image token in its config (looked for "
         f"{', '.join(_IMAGE_TOKEN_ATTRS)}); MIR needs the positions of the image features. "
-        "Pass image_token_id=... explicitly, or pass masks=lambda batch: (vision_mask, text_mask) "
-        "to MIRCallback."
+        "Pass image_token_id=... explicitly, or masks=lambda batch: (vision_mask, text_mask) "
+        "(arguments of MIRProbe, MIRCallback and MIRTrainerCallback)."
     )
 
 
@@ -427,7 +427,7 @@ def masks_from_batch(
         raise ValueError(
             "masks_from_batch needs a dict-like batch with 'input_ids' (and optionally "
             "'attention_mask'); for other batch layouts pass masks=lambda batch: "
-            "(vision_mask, text_mask) to MIRCallback."
+            "(vision_mask, text_mask) (an argument of MIRProbe, MIRCallback and MIRTrainerCallback)."
         )
     return build_masks(
         batch["input_ids"], image_token_id, batch.get("attention_mask"), text=text,
