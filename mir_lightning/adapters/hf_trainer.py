@@ -91,7 +91,8 @@ class MIRTrainerCallback(TrainerCallback):
             ``ModalityIntegrationRate.per_layer_stats()``); ``()`` for none.
         probe_kwargs: passed to :class:`~mir_lightning.probe.MIRProbe` (``step``, ``layers``,
             ``masks``, ``image_token_id``, ``layer_indices``, ``text_tokens``,
-            ``hidden_size``, metric settings such as ``outlier_sigma``).
+            ``hidden_size``, ``max_state_bytes`` (the state budget: layers measured in
+            passes), metric settings such as ``outlier_sigma``).
 
     Attributes:
         history: one dict per probe, in step order: ``step``, ``mir``, ``layers`` (layer ids)
