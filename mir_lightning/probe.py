@@ -174,7 +174,7 @@ def layer_groups(num_layers: int, layer_bytes: int, budget: int | None) -> list[
             "a smaller norm_buffer / median_buffer / max_outliers)"
         )
     passes = math.ceil(num_layers / per_pass)
-    bounds = [round(i * num_layers / passes) for i in range(passes + 1)]
+    bounds = [-(-i * num_layers // passes) for i in range(passes + 1)]  # ceil: the first groups are the larger
     return [list(range(start, stop)) for start, stop in zip(bounds, bounds[1:])]
 
 
