@@ -322,8 +322,6 @@ class Measurement:
         failed, hidden_size = float(self._failure is not None), local_size
         if world > 1:  # before any collective of the metric: nobody may be left inside its merge
             failed, hidden_size = D.all_max([failed, local_size], self.process_group)
-        if self.hidden_size is None and hidden_size > 0:  # learnt from a forward: known to the next planning
-            self.hidden_size = int(hidden_size)
         if failed and self._failure is None:
             self._failure = "the measurement failed on another rank"
         if not failed and self.metric is None:

@@ -57,8 +57,7 @@ from mir_lightning.metric import ModalityIntegrationRate
 from mir_lightning.models.transformers import unwrap_module
 
 __all__ = ["DEFAULT_CUDA_STATE_FRACTION", "MIRProbe", "MIRResult", "Measurement", "StateBudgetError",
-           "check_metric_kwargs",
-           "default_state_budget", "layer_groups"]
+           "check_metric_kwargs", "default_state_budget", "layer_groups"]
 
 StepFn = Callable[[nn.Module, Any], Any]
 
