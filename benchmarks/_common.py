@@ -10,6 +10,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -254,7 +255,10 @@ def live_tensor_bytes(device: str | None = None) -> int:
     ``device`` (a type such as ``"cpu"``) or everywhere."""
     gc.collect()
     seen: dict[tuple[str, int], int] = {}
-    for obj in gc.get_objects():
+    with warnings.catch_warnings():  # (deprecated torch.distributed aliases warn when type-checked)
+        warnings.simplefilter("ignore", FutureWarning)
+        objects = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for obj in objects:
         try:
             if not isinstance(obj, torch.Tensor) or obj.is_meta or (device and obj.device.type != device):
                 continue
