@@ -10,6 +10,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -206,6 +207,66 @@ class SyntheticLLM:
         z = torch.randn(vision.shape, generator=self.gen, device=self.device, dtype=torch.float32)
         noise = (z @ self.factor["text"]) * (eps * float(vision.std(0).mean()))
         return (vision - centre) * (1.0 + eps) + centre + noise
+
+
+class ShapedStack(torch.nn.Module):
+    """A stack with an LLM's width and depth but no weights worth the name, for probe
+    benchmarks: layer k maps ``x`` to ``(x + shift_k) * (1 + 0.01 k)`` (``shift_k`` a fixed
+    random ``[D]`` vector), so the probe's hooks see ``[B, T, D]`` hidden states that differ
+    per layer at the cost of two element-wise ops. ``forward(inputs)``: ``[B, T, D]``."""
+
+    class Layer(torch.nn.Module):
+        def __init__(self, shift: torch.Tensor, scale: float) -> None:
+            super().__init__()
+            self.register_buffer("shift", shift)
+            self.scale = scale
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x + self.shift) * self.scale
+
+    def __init__(self, hidden_size: int, num_layers: int, seed: int = 0, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        g = torch.Generator(device=device).manual_seed(seed)
+        self.layers = torch.nn.ModuleList(
+            self.Layer(torch.randn(hidden_size, generator=g, device=device), 1.0 + 0.01 * k) for k in range(num_layers)
+        )
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            inputs = layer(inputs)
+        return inputs
+
+
+def shaped_probe_batches(llm: SyntheticLLM, n_batches: int = 4) -> list[dict[str, torch.Tensor]]:
+    """Probe batches for :class:`ShapedStack`: ``1.25 D`` vision and ``1.5 D`` text tokens of
+    ``llm`` in all, split over ``n_batches`` batches ``[1, T, D]`` with their masks."""
+    nv, nt = -(-int(1.25 * llm.D) // n_batches), -(-int(1.5 * llm.D) // n_batches)
+    batches = []
+    for _ in range(n_batches):
+        inputs = torch.cat([llm.tokens("vision", nv, 0), llm.tokens("text", nt, 0)])[None]
+        vision = torch.zeros(1, nv + nt, dtype=torch.bool, device=inputs.device)
+        vision[0, :nv] = True
+        batches.append({"inputs": inputs, "vision_mask": vision, "text_mask": ~vision})
+    return batches
+
+
+def live_tensor_bytes(device: str | None = None) -> int:
+    """Bytes of the distinct storages of every live tensor (found through ``gc``), on
+    ``device`` (a type such as ``"cpu"``) or everywhere."""
+    gc.collect()
+    seen: dict[tuple[str, int], int] = {}
+    with warnings.catch_warnings():  # (deprecated torch.distributed aliases warn when type-checked)
+        warnings.simplefilter("ignore", FutureWarning)
+        objects = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for obj in objects:
+        try:
+            if not isinstance(obj, torch.Tensor) or obj.is_meta or (device and obj.device.type != device):
+                continue
+            storage = obj.untyped_storage()
+        except Exception:  # noqa: BLE001 - half-built or fake tensors
+            continue
+        seen[(str(obj.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
 
 
 def rss_bytes() -> int:

@@ -1,7 +1,8 @@
-"""Metric state size and compute() peak memory, against the official script's host memory.
+"""Metric state size, compute() and probe peak memory, against the official script's host memory.
 
-    python benchmarks/bench_memory.py            # peak measured at D=1024 x 16 layers
-    python benchmarks/bench_memory.py --quick    # peak measured at D=512 x 8 layers (< 1 minute)
+    python benchmarks/bench_memory.py            # peaks measured at D=1024 x 16 layers
+    python benchmarks/bench_memory.py --quick    # peaks measured at D=512 x 8 layers (< 1 minute)
+    python benchmarks/bench_memory.py --probe-only   # only 4 and 5 (the probe, the budget table)
 
 1. ``state_nbytes_for`` against the bytes of the state tensors actually held (small cases,
    every sketch allocated; and a default-config case where it is an upper bound).
@@ -14,6 +15,15 @@
    every sample: (layers + 1) x tokens x D x N x 2 bytes (fp16) for N = 100 and 1,000, with
    ``--tokens`` per sample from the image on (default 700: LLaVA-1.5's 576 image tokens and
    a ~120-token caption).
+4. ``MIRProbe.run()`` peak and what stays held after it, in fresh subprocesses, without a
+   budget and with ``max_state_bytes`` = the state of L/2, L/4 and 1 layer(s): a
+   :class:`_common.ShapedStack` of the same width and depth (LLM-like tokens,
+   ``_common.SyntheticLLM``), peak extra = VmHWM during ``run()`` - RSS before; held after =
+   RSS after ``run()`` (heap trimmed) - RSS before, and the live tensor bytes counted through
+   ``gc`` after - before (exact; the probe and its result deleted). Each child first runs a
+   tiny probe, so that library loading is not counted. Per-layer FD against the unbudgeted run.
+5. The budget table for 7B / 13B / 34B / 70B LLM shapes (formula): state, passes and expected
+   probe time at budgets of 2 / 8 / 32 GiB, with the assumption stated.
 """
 
 from __future__ import annotations
@@ -137,6 +147,94 @@ def measure_peak(D: int, layers: int, dtype_name: str, world: int = 1) -> list[d
     return results
 
 
+# --------------------------------------------------------------------------- the probe
+def probe_child(D: int, layers: int, budget_layers: int) -> None:
+    """One ``MIRProbe.run()`` on a ShapedStack (``budget_layers`` 0: no budget); prints one JSON line."""
+    from mir_lightning import MIRProbe
+
+    C.setup(2)
+    warnings.simplefilter("ignore")
+    warm = C.ShapedStack(64, 2)  # loads every library the probe uses, so RSS differences are data
+    MIRProbe(C.shaped_probe_batches(C.SyntheticLLM(64)), layers=list(warm.layers), hidden_size=64).run(warm)
+    del warm
+    model = C.ShapedStack(D, layers)
+    batches = C.shaped_probe_batches(C.SyntheticLLM(D, seed=1))
+    budget = ModalityIntegrationRate.state_nbytes_for(budget_layers, D) if budget_layers else None
+    probe = MIRProbe(batches, layers=list(model.layers), hidden_size=D, max_state_bytes=budget)
+    C.trim_heap()
+    tensors0, rss0 = C.live_tensor_bytes(), C.rss_bytes()
+    reset_ok = C.reset_hwm()
+    result = probe.run(model)
+    hwm = C.hwm_bytes()
+    fd, passes, forwards, seconds, error = result.per_layer_fd.tolist(), result.passes, result.forwards, \
+        result.seconds, result.error
+    del probe, result
+    C.trim_heap()
+    tensors1, rss1 = C.live_tensor_bytes(), C.rss_bytes()
+    print(json.dumps(dict(state=ModalityIntegrationRate.state_nbytes_for(layers, D), budget=budget, passes=passes,
+                          forwards=forwards, seconds=seconds, peak_extra=hwm - rss0, held_rss=rss1 - rss0,
+                          held_tensors=tensors1 - tensors0, hwm_reset=reset_ok, fd=fd, error=error)))
+
+
+def _child_json(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=1800)
+    if proc.returncode:
+        raise RuntimeError(f"child failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def probe_rows(D: int, L: int) -> list[list[object]]:
+    rows, base = [], None
+    for budget_layers in (0, L // 2, L // 4, 1):
+        r = _child_json("--probe-child", str(D), str(L), str(budget_layers))
+        base = base or r
+        fd_err = max(abs(a / b - 1) for a, b in zip(r["fd"], base["fd"]))
+        rows.append(["none" if not budget_layers else f"{budget_layers} layer(s): {r['budget'] / MiB:.0f} MiB",
+                     r["passes"], r["forwards"], f"{r['state'] / MiB:.0f}", f"{r['peak_extra'] / MiB:.0f}",
+                     r["peak_extra"] / r["state"], f"{r['held_rss'] / MiB:+.1f}", f"{r['held_tensors']:+,}",
+                     f"{fd_err:.1e}", f"{r['seconds']:.1f}", r["error"] or ("yes" if r["hwm_reset"] else "NO")])
+    return rows
+
+
+# LLM shapes (hidden size x layers, parameters) of the table, from the models' config.json:
+# LLaMA-2 / Vicuna 7B and 13B (LLaVA-1.5), Yi-34B (the LLM of LLaVA-NeXT-34B), LLaMA-2 70B.
+LLM_SHAPES = (("7B (LLaMA-2 / Vicuna-7B)", 4096, 32, 6.7e9), ("13B (LLaMA-2 / Vicuna-13B)", 5120, 40, 13.0e9),
+              ("34B (Yi-34B)", 7168, 60, 34.4e9), ("70B (LLaMA-2-70B)", 8192, 80, 69.0e9))
+BUDGETS_GIB = (2, 8, 32)
+# Assumption of the time column: one pass = the probe set's forwards, 2 x parameters FLOP per
+# token, over PROBE_TOKENS tokens (100 samples of ~700 tokens: 576 image tokens + a caption)
+# at ACHIEVED_FLOPS (bf16, ~40% of an H100/H200's dense peak), on one GPU (W data-parallel
+# ranks divide it by W). The metric's update() and compute() are not repeated: each pass folds
+# and solves only its own layers, so their total is the same at any budget.
+PROBE_TOKENS = 100 * 700
+ACHIEVED_FLOPS = 400e12
+
+
+def budget_rows() -> list[list[object]]:
+    """State, passes and expected forward time per budget, from ``state_nbytes_for``."""
+    from mir_lightning.probe import layer_groups
+
+    rows = []
+    for name, D, L, params in LLM_SHAPES:
+        layer = ModalityIntegrationRate.state_nbytes_for(1, D)
+        forward_s = 2 * params * PROBE_TOKENS / ACHIEVED_FLOPS
+        row: list[object] = [name, f"{D} x {L}", f"{ModalityIntegrationRate.state_nbytes_for(L, D) / GiB:.1f}",
+                             f"{layer / GiB:.3f}", f"{forward_s:.1f}"]
+        for gib in BUDGETS_GIB:
+            try:
+                passes = len(layer_groups(L, layer, gib * GiB))
+                row.append(f"{passes} / {passes * forward_s:.0f} s")
+            except ValueError:
+                row.append("below one layer")
+        rows.append(row)
+    return rows
+
+
+def budget_table() -> str:
+    return C.table(["LLM", "D x layers", "float64 state GiB", "one layer GiB", "forwards s per pass",
+                    *(f"{g} GiB: passes / forwards s" for g in BUDGETS_GIB)], budget_rows())
+
+
 # --------------------------------------------------------------------------- main
 def official_host_bytes(layers: int, D: int, n_samples: int, tokens: int = 700, bytes_per: int = 2) -> int:
     """Hidden states the official script keeps on the host: all layers + the embedding output,
@@ -150,16 +248,38 @@ def main() -> None:
     ap.add_argument("--peak", type=int, nargs=2, default=None, metavar=("D", "LAYERS"))
     ap.add_argument("--tokens", type=int, default=700, help="tokens per sample the official script keeps (from the image on)")
     ap.add_argument("--world", type=int, default=1, help="also measure compute()'s peak per rank on this many gloo ranks")
+    ap.add_argument("--probe-only", action="store_true", help="only the probe (4) and the budget table (5)")
     ap.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--probe-child", nargs=3, type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         child(int(a.child[0]), int(a.child[1]), a.child[2], int(a.child[3]), int(a.child[4]))
+        return
+    if a.probe_child:
+        probe_child(*a.probe_child)
         return
     C.setup(2)
     warnings.simplefilter("ignore")
     t_start = time.perf_counter()
     print(C.machine_info())
     print()
+    if not a.probe_only:
+        core_sections(a)
+    D, L = a.peak or ((512, 8) if a.quick else (1024, 16))
+    print(f"\n## 4. MIRProbe.run() memory (fresh subprocess per row; ShapedStack D={D} x {L} layers, "
+          f"{int(1.25 * D)} vision + {int(1.5 * D)} text tokens in 4 batches)")
+    print(C.table(["max_state_bytes", "passes", "forwards", "state MiB (all layers)", "peak extra in run() MiB",
+                   "peak / state", "RSS held after run() MiB", "tensor bytes held after run()", "FD vs one pass",
+                   "run() s", "HWM reset / error"], probe_rows(D, L)))
+    print(f"\n## 5. State budget: passes per probe for LLM shapes (float64 state, default sketches; forwards of "
+          f"{PROBE_TOKENS:,} probe tokens at 2 x params FLOP/token, {ACHIEVED_FLOPS / 1e12:.0f} TFLOP/s achieved, one GPU; "
+          "update() and compute() add the same time at any budget)")
+    print(budget_table())
+    print(f"total wall time {time.perf_counter() - t_start:.0f} s")
+
+
+def core_sections(a: argparse.Namespace) -> None:
+    """Sections 1-3 (the metric alone)."""
     print("## 1. state_nbytes_for() against the state tensors held")
     print(C.table(["case", "state dtype", "formula bytes", "held bytes", "held - formula", "held before update / reset defaults"],
                   verify_formula()))
@@ -197,7 +317,6 @@ def main() -> None:
     print(C.table(["D x layers", "state f64 GiB", "state f32 GiB", "official N=100 GiB", "official N=1000 GiB",
                    "official100 / f64", "official100 / f32", "official1000 / f64"], rows))
     print("The metric's state does not grow with N; the official script's host memory grows linearly with N.")
-    print(f"total wall time {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,16 @@ small case first):
    in a one-rank world, each against the single-process float64 reference on materialised
    tokens (tests/reference.py), with the probe's wall time.
 
+6. the budgeted probe of a 7B-shaped model (issue 18): ``MIRProbe`` over a
+   ``_common.ShapedStack`` of D x L (LLaMA-7B's 4096 x 32; quick: 1024 x 4) with LLM-like
+   tokens, without a budget, with ``max_state_bytes`` = the state of L/3 layers, and with the
+   default budget (a share of the free CUDA memory): passes, forwards, peak extra device memory
+   (``max_memory_allocated`` - before), memory allocated before and after ``run()`` (equal:
+   nothing held), reserved after, per-layer FD against the unbudgeted run, and torch's CPU and
+   CUDA generator states before/after (equal).
+
     python benchmarks/gpu_check.py --steps scale --device cpu --quick   # step 5 only (CPU smoke)
+    python benchmarks/gpu_check.py --steps probe                        # step 6 only
 """
 
 from __future__ import annotations
@@ -58,8 +67,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="CPU intra-op threads (CPU runs)")
     ap.add_argument("--budget-s", type=float, default=150.0,
                     help="skip remaining repeats once this much wall time has passed")
-    ap.add_argument("--steps", choices=("all", "core", "scale"), default="all",
-                    help="core: steps 1-4; scale: step 5 (issue 12 checks); all: both")
+    ap.add_argument("--steps", choices=("all", "core", "scale", "probe"), default="all",
+                    help="core: steps 1-4; scale: step 5 (issue 12 checks); probe: step 6 (issue 18); all: every step")
     a = ap.parse_args()
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -82,11 +91,16 @@ def main() -> int:
         props = torch.cuda.get_device_properties(dev)
         print(f"device: {torch.cuda.get_device_name(dev)} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}")
     print(f"gpu_check: D={D} x {L} layers on {dev}\n")
-    if a.steps != "scale":
+    if a.steps in ("all", "core"):
         core_checks(dev, D, L, T, a, t_start, sync)
-    if a.steps != "core":
+    if a.steps in ("all", "scale"):
         print("\n5. scale checks (issue 12)")
         print(C.table(["check", "result", "expected", "status"], scale_checks(dev, a.quick, sync)))
+    if a.steps in ("all", "probe"):
+        print(f"\n6. budgeted probe (issue 18): ShapedStack D={D} x {L} layers on {dev}")
+        print(C.table(["max_state_bytes", "passes", "forwards", "state GiB (all layers)", "peak extra GiB",
+                       "allocated before -> after run() (bytes)", "reserved after GiB", "FD vs one pass", "run() s",
+                       "RNG unchanged", "status"], budgeted_probe(dev, D, L, sync)))
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
     return 0
 
@@ -406,6 +420,60 @@ def scale_checks(dev: torch.device, quick: bool, sync) -> list[list[object]]:
             rows += check(dev, quick, sync)
         except Exception as err:
             rows.append([check.__name__, f"raised {type(err).__name__}: {str(err)[:160]}", "", "FAIL"])
+    return rows
+
+
+# ----------------------------------------------------------------------------- step 6
+def _allocated(dev: torch.device) -> int:
+    return torch.cuda.memory_allocated(dev) if dev.type == "cuda" else C.live_tensor_bytes("cpu")
+
+
+def _rng_state(dev: torch.device) -> list[torch.Tensor]:
+    return [torch.random.get_rng_state(), *(torch.cuda.get_rng_state_all() if dev.type == "cuda" else [])]
+
+
+def budgeted_probe(dev: torch.device, D: int, L: int, sync) -> list[list[object]]:
+    """Step 6: one row per budget (none, L/3 layers' state, the default)."""
+    from mir_lightning import MIRProbe
+    from mir_lightning.probe import default_state_budget
+
+    model = C.ShapedStack(D, L, device=dev)
+    batches = C.shaped_probe_batches(C.SyntheticLLM(D, seed=2, device=dev))
+    state = ModalityIntegrationRate.state_nbytes_for(L, D)
+    third = ModalityIntegrationRate.state_nbytes_for(max(1, L // 3), D)
+    default = default_state_budget(dev)
+    rows, base = [], None
+    for name, budget in (("none", None), (f"{max(1, L // 3)} layers: {third / 2**30:.2f} GiB", third),
+                         (f"default: {'none' if default is None else f'{default / 2**30:.1f} GiB'}", "default")):
+        probe = MIRProbe(batches, layers=list(model.layers), hidden_size=D,
+                         **({} if budget == "default" else {"max_state_bytes": budget}))
+        sync()
+        rng = _rng_state(dev)
+        before = _allocated(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        try:
+            result = probe.run(model)
+        except Exception as err:  # one failing row must not hide the others
+            rows.append([name, "", "", "", "", "", "", "", "", "", f"raised {type(err).__name__}: {str(err)[:80]}"])
+            continue
+        sync()
+        peak = torch.cuda.max_memory_allocated(dev) - before if dev.type == "cuda" else math.nan
+        fd, passes, forwards, seconds, error = (result.per_layer_fd.tolist(), result.passes, result.forwards,
+                                                result.seconds, result.error)
+        del probe, result  # (the result's small CPU tensors would count on CPU)
+        after = _allocated(dev)
+        base = fd if base is None else base
+        fd_err = max(abs(x / y - 1) for x, y in zip(fd, base))
+        same_rng = all(torch.equal(x, y) for x, y in zip(rng, _rng_state(dev)))
+        reserved = torch.cuda.memory_reserved(dev) / 2**30 if dev.type == "cuda" else math.nan
+        ok = error is None and after == before and same_rng and fd_err <= 1e-12
+        rows.append([name, passes, forwards, f"{state / 2**30:.2f}", f"{peak / 2**30:.2f}", f"{before:,} -> {after:,}",
+                     f"{reserved:.2f}", f"{fd_err:.1e}", f"{seconds:.1f}", "yes" if same_rng else "NO",
+                     "ok" if ok else (error or "CHECK")[:80]])
+    del model, batches
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 

@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
         "<prefix>moca.shift. Default: no MoCa, also when MODEL_DIR holds MoCa parameters (loading the model "
         "drops them): then a warning says so and suggests --moca MODEL_DIR",
     )
+    ev.add_argument(
+        "--max-state-gib", type=float, default=None, metavar="GIB",
+        help="the most metric state (GiB) held at once: above it the layers are measured in groups, the probe set "
+        "running once per group (same result). Default: on CUDA half the free memory, none on CPU",
+    )
     ev.add_argument("--out", help="write the result as JSON to this path (its folder must exist)")
     ev.add_argument("--plot", help="write a per-layer plot (PNG) to this path (its folder must exist; needs matplotlib)")
     ev.add_argument("--no-progress", action="store_true", help="disable the progress bar")
@@ -244,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 layers=args.layers, text_tokens=args.text_tokens, outlier_sigma=args.outlier_sigma,
                 max_outliers=args.max_outliers, median_buffer=args.median_buffer, progress=not args.no_progress,
                 moca=args.moca,
+                max_state_bytes=None if args.max_state_gib is None else int(args.max_state_gib * 2**30),
             )
         if _rank() == 0:
             report(result, args.out, args.plot)

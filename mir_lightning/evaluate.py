@@ -33,7 +33,7 @@ import torch
 
 from mir_lightning import _distributed as D
 from mir_lightning.measurement import FailureKind, MIRResult
-from mir_lightning.probe import MIRProbe
+from mir_lightning.probe import MIRProbe, StateBudgetError
 from mir_lightning.probe_data import InputError, ProbeSet, probe_set
 
 __all__ = [
@@ -427,6 +427,7 @@ def evaluate_checkpoint(
     median_buffer: int = 512,
     progress: bool = True,
     moca: str | os.PathLike | None = None,
+    max_state_bytes: int | None = None,
 ) -> EvaluationResult:
     """Compute the MIR of the checkpoint in ``model_dir`` on ``num_samples`` image+text samples.
 
@@ -443,6 +444,9 @@ def evaluate_checkpoint(
         text_tokens: ``after_image`` (text after the first image token, the official
             convention) or ``all`` non-image tokens.
         progress: show a progress bar (rank 0).
+        max_state_bytes: the most metric state allowed at once; above it the layers are
+            measured in passes over the probe set (see :class:`~mir_lightning.MIRProbe`,
+            whose default on CUDA applies when ``None``).
         moca: MoCa parameters of a model trained with MoCa (:func:`~mir_lightning.moca.load_moca_state`
             reads them: a ``save_pretrained`` folder, ``model_dir`` itself included, a
             ``.safetensors`` file, or a ``torch.save`` / Lightning checkpoint); MoCa is attached
@@ -462,6 +466,7 @@ def evaluate_checkpoint(
         model_dir=str(model_dir), num_samples=num_samples, batch_size=batch_size, dtype=dtype,
         sqrt_mode=sqrt_mode, layers=layers or "all", text_tokens=text_tokens, outlier_sigma=outlier_sigma,
         max_outliers=max_outliers, median_buffer=median_buffer, moca=None if moca is None else str(moca),
+        max_state_bytes=max_state_bytes,
     )
     start = time.perf_counter()
     _check_model_dir(model_dir)
@@ -472,6 +477,8 @@ def evaluate_checkpoint(
     for name, value in (("--max-outliers", max_outliers), ("--median-buffer", median_buffer)):
         if value < 1:
             raise InputError(f"{name} must be at least 1, got {value}")
+    if max_state_bytes is not None and not max_state_bytes > 0:
+        raise InputError(f"--max-state-gib must be positive, got {max_state_bytes / 2**30:g} GiB")
     if dtype not in DTYPES:
         raise InputError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
     torch_dtype = getattr(torch, dtype)
@@ -504,10 +511,12 @@ def evaluate_checkpoint(
             tqdm(loader, desc="MIR", unit="batch", disable=rank != 0 or not progress),
             step=_forward, image_token_id=image_token_id, layer_indices=chosen, text_tokens=text_tokens,
             hidden_size=hidden_size, outlier_sigma=outlier_sigma, sqrt_mode=sqrt_mode,
-            max_outliers=max_outliers, median_buffer=median_buffer,
+            max_outliers=max_outliers, median_buffer=median_buffer, max_state_bytes=max_state_bytes,
         )
         try:
             measured = probe.run(model)
+        except StateBudgetError as exc:
+            raise InputError(f"--max-state-gib / max_state_bytes: {exc}") from exc
         except ValueError as exc:  # the layers cannot be found
             raise InputError(f"unsupported architecture {type(model).__name__}: {exc}") from exc
         _raise_failure(measured)

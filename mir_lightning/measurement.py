@@ -8,6 +8,7 @@ capture; :class:`MIRResult` is what it returns.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import inspect
 import math
@@ -36,7 +37,7 @@ from mir_lightning.capture import (
 from mir_lightning.metric import STAT_KEYS, ModalityIntegrationRate
 from mir_lightning.models.transformers import TEXT_MODES
 
-__all__ = ["FailureKind", "MIRResult", "Measurement", "check_metric_kwargs"]
+__all__ = ["FailureKind", "MIRResult", "Measurement", "check_metric_kwargs", "combine_passes"]
 
 
 class FailureKind(enum.Enum):
@@ -58,6 +59,9 @@ class FailureKind(enum.Enum):
     """The metric refused the hidden states (shape, dtype, non-finite values) or its computation failed."""
     NO_TOKENS = "no_tokens"
     """No hidden states were captured (no probe batch, or no layer ran)."""
+    STATE_BUDGET = "state_budget"
+    """The measured layers' state exceeds ``max_state_bytes`` where the batches cannot be
+    run once per group of layers (Lightning's validation-time capture)."""
 
 
 _KINDS = list(FailureKind)  # rank agreement sends the position + 1 (0: no failure)
@@ -73,12 +77,14 @@ class MIRResult:
         stats: the metric's ``per_layer_stats()``, each ``[L]`` float64 (NaN-filled on failure).
         layers: ids of the measured layers among the model's hidden-state layers.
         n_vision, n_text: tokens per layer, summed over ranks (0 on failure).
-        forwards: forwards this rank ran (padding forwards included).
+        forwards: forwards this rank ran, over all passes (padding forwards included).
         seconds: wall time of the measurement on this rank.
         error: why the measurement failed, else ``None``; a rank whose own part went well
             says that another rank failed.
         error_kind: the kind of failure, else ``None``: this rank's own, or (when only other
             ranks failed) that of a failed rank, so that every rank sees a failure kind.
+        passes: times the probe set was run: one per group of layers whose state fits the
+            probe's ``max_state_bytes`` (1 without a budget).
     """
 
     mir: float
@@ -91,6 +97,30 @@ class MIRResult:
     seconds: float
     error: str | None = None
     error_kind: FailureKind | None = None
+    passes: int = 1
+
+
+def combine_passes(parts: Sequence[MIRResult], layers: Sequence[int], seconds: float) -> MIRResult:
+    """One result over ``layers`` from the passes of a budgeted probe, each over a group of
+    them (in layer order): per-layer values concatenated, MIR from their FD sum (summed in
+    layer order, as a one-pass ``compute()`` does), forwards summed. A failed pass (the last
+    one run) fails the whole result."""
+    failed = next((part for part in parts if part.error is not None), None)  # (its fields say why)
+    if len(parts) == 1 and (failed is None or list(parts[0].layers) == list(layers)):
+        return dataclasses.replace(parts[0], seconds=seconds)
+    forwards = sum(part.forwards for part in parts)
+    layers = list(layers)
+    if failed is not None:
+        nan = torch.full((len(layers),), math.nan, dtype=torch.float64)
+        return dataclasses.replace(failed, per_layer_fd=nan.clone(), stats={key: nan.clone() for key in STAT_KEYS},
+                                   layers=layers, forwards=forwards, seconds=seconds, passes=len(parts))
+    stats = {key: torch.cat([part.stats[key] for part in parts]) for key in STAT_KEYS}
+    total = sum(float(fd) for fd in stats["fd"].tolist())
+    return MIRResult(
+        mir=math.log10(total) if total > 0 else math.nan, per_layer_fd=stats["fd"].clone(), stats=stats,
+        layers=layers, n_vision=parts[0].n_vision, n_text=parts[0].n_text, forwards=forwards, seconds=seconds,
+        passes=len(parts),
+    )
 
 
 def check_metric_kwargs(kwargs: Mapping[str, Any], owner: str) -> None:
@@ -175,11 +205,17 @@ class Measurement:
                 model, self.layers, self.layer_indices, self.image_token_id, find_image_token=self.masks is None
             )
             self.targets, self._model_id, self.layer_ids = targets, id(model), list(targets.layer_ids)
-            self._capture = LayerCapture(targets.modules)
             self._rule = MaskRule(self.masks, targets.image_token_id, self.text_tokens)
             if self.hidden_size is None:
                 self.hidden_size = infer_hidden_size(targets.modules)
         return self.targets
+
+    def state_nbytes(self, num_layers: int, hidden_size: int) -> int:
+        """Bytes of the state of a metric over ``num_layers`` layers of width ``hidden_size``
+        with this measurement's metric options (``ModalityIntegrationRate.state_nbytes_for``)."""
+        params = inspect.signature(ModalityIntegrationRate.state_nbytes_for).parameters
+        sizes = {name: self.metric_kwargs[name] for name in params if name in self.metric_kwargs}
+        return ModalityIntegrationRate.state_nbytes_for(num_layers, hidden_size, **sizes)
 
     def _new_metric(self, num_layers: int, hidden_size: int, device: torch.device) -> None:
         kwargs = dict(self.metric_kwargs)
@@ -187,32 +223,30 @@ class Measurement:
             kwargs["process_group"] = self.process_group
         self.metric = ModalityIntegrationRate(num_layers, hidden_size, **kwargs).to(device)
 
-    def _reset_metric(self, device: torch.device) -> None:
-        if self.metric is not None and (
-            self.metric.num_layers != len(self.layer_ids) or self.metric.device != device
-        ):
-            self.metric = None
-        if self.metric is not None:
-            self.metric.reset()
-        elif self.hidden_size is not None and self.layer_ids:
-            self._new_metric(len(self.layer_ids), self.hidden_size, device)
+    def begin(self, model: nn.Module | None = None, positions: Sequence[int] | None = None) -> None:
+        """Start a measurement with a new metric and, given a model, attach the (inactive) hooks.
 
-    def begin(self, model: nn.Module | None = None) -> None:
-        """Start a measurement: reset the metric and, given a model, attach the (inactive) hooks.
-
-        Without a model only :meth:`feed` can add hidden states (``source="step_output"``).
+        ``positions``: which of the resolved layers to measure (indices into
+        ``targets.modules``; default all): only they are hooked, and the metric holds only
+        their state. Without a model only :meth:`feed` can add hidden states
+        (``source="step_output"``).
         """
         self._start = time.perf_counter()
         self._failure = self._failure_kind = None
         self._layout = OutputLayout()
         self._captured = False
         self._masks = None
+        self.metric = None
         device = torch.device("cpu")
         if model is not None:
-            self.resolve(model)
+            targets = self.resolve(model)
+            positions = range(len(targets.modules)) if positions is None else positions
+            self.layer_ids = [targets.layer_ids[i] for i in positions]
+            self._capture = LayerCapture([targets.modules[i] for i in positions])
             device = _model_device(model)
             self._capture.attach(self._sink)
-        self._reset_metric(device)
+        if self.hidden_size is not None and self.layer_ids:
+            self._new_metric(len(self.layer_ids), self.hidden_size, device)
 
     # ------------------------------------------------------------------ capture
     def fail(self, err: BaseException | str, kind: FailureKind) -> None:
@@ -370,7 +404,27 @@ class Measurement:
         return (_KINDS[int(code) - 1] if code else None), hidden_size, group
 
     def finish(self, forwards: int = 0) -> MIRResult:
-        """Remove the hooks, agree on failure across ranks, merge and compute. Every rank must call it."""
+        """Remove the hooks, agree on failure across ranks, merge and compute; then release the
+        metric's state (see :meth:`release`). Every rank must call it."""
+        try:
+            return self._finish(forwards)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Free the metric's state: nothing of it stays allocated between measurements. A
+        metric that computed keeps its results (its ``per_layer_stats()`` / ``per_layer_fd()``
+        still answer, its state tensors are empty placeholders); a failed one is dropped."""
+        metric, self.metric = self.metric, None
+        self._masks = None
+        results = getattr(metric, "_results", None) if self._failure is None else None
+        if metric is None or results is None:
+            return
+        metric.reset()  # back to the empty placeholders (and the mask cache cleared)
+        metric._results = results  # the computed per-layer results: a few floats per layer
+        self.metric = metric
+
+    def _finish(self, forwards: int) -> MIRResult:
         self.detach()
         kind, hidden_size, group = self._agree()
         if kind is FailureKind.NO_TOKENS:

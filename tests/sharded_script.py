@@ -3,9 +3,11 @@
     python tests/sharded_script.py --world 2 --engines fsdp2,fsdp1,peft_ddp --batches 5 --out DIR
     DS_ACCELERATOR=cpu python tests/sharded_script.py --world 2 --engines deepspeed --batches 5 --out DIR
     python tests/sharded_script.py --world 2 --engines fsdp2 --then-unequal 8 --batches 5 --out DIR
+    python tests/sharded_script.py --world 2 --engines fsdp2 --budget-layers 1 --batches 5 --out DIR
 
 Each rank writes ``DIR/{engine}_rank{r}.json`` with the probe's MIR, per-layer FD, forward
-count and the hooked modules' classes and names. ``--then-unequal S`` then runs the forwards
+count, passes and the hooked modules' classes and names. ``--budget-layers N`` gives the
+probe ``max_state_bytes`` = the state of N layers, so it measures the layers in passes. ``--then-unequal S`` then runs the forwards
 the old way (rank r takes batches r, r + W, ...) under FSDP2 on a process group with an
 S-second timeout: ranks run different numbers of forwards, so one waits in an all-gather that
 never comes, and the timeout turns the hang into a non-zero exit (it prints
@@ -44,13 +46,15 @@ def _hooked(probe, wrapped) -> list[list[str]]:
     return [[type(m).__name__, names.get(id(m), "?")] for m in probe.measurement.targets.modules]
 
 
-def _run_engine(engine: str, rank: int, world: int, n_batches: int, out: str) -> None:
+def _run_engine(engine: str, rank: int, world: int, n_batches: int, out: str, budget_layers: int = 0) -> None:
     from sharded_common import build_model, probe_batches, shard
 
+    from mir_lightning import ModalityIntegrationRate
     from mir_lightning.probe import MIRProbe
 
     wrapped = shard(build_model(engine), engine, world)
-    probe = MIRProbe(probe_batches(n_batches), hidden_size=64)
+    budget = ModalityIntegrationRate.state_nbytes_for(budget_layers, 64) if budget_layers else None
+    probe = MIRProbe(probe_batches(n_batches), hidden_size=64, max_state_bytes=budget)
     result = probe.run(wrapped)
     record = {
         "engine": engine,
@@ -59,6 +63,7 @@ def _run_engine(engine: str, rank: int, world: int, n_batches: int, out: str) ->
         "mir": float(result.mir),
         "per_layer_fd": [float(x) for x in result.per_layer_fd],
         "forwards": int(result.forwards),
+        "passes": int(result.passes),
         "error": result.error,
         "layer_ids": list(result.layers),
         "hooked": _hooked(probe, wrapped),
@@ -97,7 +102,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=args.timeout))
     try:
         for engine in filter(None, args.engines.split(",")):
-            _run_engine(engine, rank, world, args.batches, args.out)
+            _run_engine(engine, rank, world, args.batches, args.out, args.budget_layers)
         if args.then_unequal:
             _run_unequal(rank, world, args.batches, args.then_unequal)
     finally:
@@ -110,6 +115,7 @@ def main() -> int:
     ap.add_argument("--engines", default="fsdp2,fsdp1,peft_ddp")
     ap.add_argument("--batches", type=int, default=5)
     ap.add_argument("--out", default=".")
+    ap.add_argument("--budget-layers", type=int, default=0, help="max_state_bytes = the state of this many layers")
     ap.add_argument("--timeout", type=float, default=90.0, help="process-group timeout, seconds")
     ap.add_argument("--then-unequal", type=float, default=0.0, metavar="S",
                     help="then run unequal forward counts under FSDP2 with an S-second timeout (must fail)")

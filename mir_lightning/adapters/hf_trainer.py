@@ -116,7 +116,7 @@ class MIRTrainerCallback(TrainerCallback):
             ``ModalityIntegrationRate.per_layer_stats()``); ``()`` for none.
         log_figures: write the figures to TensorBoard (rank zero).
         probe_step, layers, masks, image_token_id, layer_indices, text_tokens, process_group,
-            hidden_size, metric_kwargs: as in :class:`~mir_lightning.probe.MIRProbe`
+            hidden_size, max_state_bytes, metric_kwargs: as in :class:`~mir_lightning.probe.MIRProbe`
             (``step=`` is ``probe_step``'s former, deprecated name).
 
     Attributes:
@@ -141,6 +141,7 @@ class MIRTrainerCallback(TrainerCallback):
         text_tokens: Literal["after_image", "all"] = "after_image",
         process_group: Any = None,
         hidden_size: int | None = None,
+        max_state_bytes: int | None = None,
         **metric_kwargs: Any,
     ) -> None:
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or int(every_n_steps) != every_n_steps
@@ -153,7 +154,8 @@ class MIRTrainerCallback(TrainerCallback):
         probe_step = renamed_argument(metric_kwargs, "step", "probe_step", probe_step, "MIRTrainerCallback")
         self.probe = MIRProbe(probe_dataloader, probe_step=probe_step, layers=layers, masks=masks,
                               image_token_id=image_token_id, layer_indices=layer_indices, text_tokens=text_tokens,
-                              process_group=process_group, hidden_size=hidden_size, **metric_kwargs)
+                              process_group=process_group, hidden_size=hidden_size,
+                              max_state_bytes=max_state_bytes, **metric_kwargs)
         self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
         self.run_on_evaluate = bool(on_evaluate)
         self._trainer: weakref.ReferenceType | None = None

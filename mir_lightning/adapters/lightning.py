@@ -80,6 +80,11 @@ class MIRCallback(Callback):
         log_figures: write matplotlib figures to TensorBoard loggers.
         early_stopping: a :class:`~mir_lightning.MIRPlateau`, or None.
         hidden_size: width D; inferred when possible.
+        max_state_bytes: the most metric state allowed at once (see
+            :class:`~mir_lightning.MIRProbe`; with ``probe_dataloader`` the probe measures
+            the layers in passes that fit, and its default on CUDA applies). Validation
+            batches run once, so without ``probe_dataloader`` a state above it is a failure
+            (NaN, with a warning saying so); no default budget there.
         metric_kwargs: passed to :class:`ModalityIntegrationRate` (``outlier_sigma``,
             ``sqrt_mode``, ``state_dtype``, ``max_outliers``...); other names are refused.
     """
@@ -101,6 +106,7 @@ class MIRCallback(Callback):
         log_figures: bool = True,
         early_stopping: MIRPlateau | None = None,
         hidden_size: int | None = None,
+        max_state_bytes: int | None = None,
         **metric_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -126,8 +132,10 @@ class MIRCallback(Callback):
                        text_tokens=text_tokens, hidden_size=hidden_size)
         self.measurement = Measurement(**options, metric_kwargs=metric_kwargs, owner="MIRCallback")
         self.probe: MIRProbe | None = None
+        self.max_state_bytes = max_state_bytes
         if probe_dataloader is not None:
-            self.probe = MIRProbe(probe_dataloader, probe_step=probe_step or _call_module, **options, **metric_kwargs)
+            self.probe = MIRProbe(probe_dataloader, probe_step=probe_step or _call_module, max_state_bytes=max_state_bytes,
+                                  **options, **metric_kwargs)
             self.measurement = self.probe.measurement
         self._running = False
         self._forwards = 0
@@ -165,7 +173,8 @@ class MIRCallback(Callback):
 
     @property
     def metric(self):  # noqa: ANN201 - ModalityIntegrationRate | None
-        """The metric of the last measurement."""
+        """The metric of the last measurement (its last pass), state released: see
+        :attr:`MIRProbe.metric <mir_lightning.MIRProbe.metric>`."""
         return self.measurement.metric
 
     # ------------------------------------------------------------------ validation runs
@@ -179,6 +188,19 @@ class MIRCallback(Callback):
         self._forwards = 0
         if self.probe is None:
             self.measurement.begin(pl_module if self.source == "hooks" else None)
+            self._check_state_budget()
+
+    def _check_state_budget(self) -> None:
+        """Validation batches run once: a state above ``max_state_bytes`` cannot be split into passes."""
+        m, budget = self.measurement, self.max_state_bytes
+        if budget is None or m.hidden_size is None or not m.layer_ids:
+            return
+        needed = m.state_nbytes(len(m.layer_ids), m.hidden_size)
+        if needed > budget:
+            m.fail(f"the state of the {len(m.layer_ids)} measured layers ({needed:,} bytes) exceeds max_state_bytes="
+                   f"{budget:,}, and validation batches cannot be run once per group of layers: give probe_dataloader= "
+                   "(measured in passes) or fewer layer_indices=",
+                   FailureKind.STATE_BUDGET)
 
     def on_validation_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -277,6 +299,7 @@ class MIRCallback(Callback):
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self.measurement.detach()
+        self.measurement.release()  # a run interrupted inside a measurement leaves no state behind
 
 
 def _tensorboard_writers(trainer: "pl.Trainer") -> list[Any]:
