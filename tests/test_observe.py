@@ -466,6 +466,7 @@ def test_own_loop_example_is_bitwise_identical_with_mir(tmp_path, monkeypatch):
     (as most loops are), against the same loop whose probe never runs a forward."""
     import example_helpers  # noqa: F401  (puts examples/ on sys.path)
     import custom_loop
+    import loop_adapter
     import lvlm
 
     import mir_lightning
@@ -490,6 +491,7 @@ def test_own_loop_example_is_bitwise_identical_with_mir(tmp_path, monkeypatch):
 
     def train(probe_class, log_dir):
         monkeypatch.setattr(mir_lightning, "MIRProbe", probe_class)
+        monkeypatch.setattr(loop_adapter, "MIRProbe", probe_class)  # the example's adapter builds the probe
         try:
             run = custom_loop.main([*argv[:-1], str(log_dir)])
         finally:
