@@ -56,8 +56,7 @@ def train(args: argparse.Namespace) -> lvlm.ProbeRun:
     train_loader, probe_loader = parts.loaders(args.batch_size, seed=args.seed)
     model = parts.model()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    # median_buffer above the probe's tokens per modality keeps the outlier rule's median row exact
-    probe = MIRProbe(probe_loader, median_buffer=1024)
+    probe = MIRProbe(probe_loader)
     writer = SummaryWriter(args.log_dir)
     start = time.time()
     rows = [measure(probe, model, probe_loader, writer, 0)]

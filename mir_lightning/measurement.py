@@ -146,13 +146,14 @@ class Measurement:
 
     def _new_metric(self, num_layers: int, hidden_size: int, device: torch.device) -> None:
         kwargs = dict(self.metric_kwargs)
+        kwargs.setdefault("layer_ids", list(self.layer_ids) if len(self.layer_ids) == num_layers else None)
         if self.process_group is not None:
             kwargs["process_group"] = self.process_group
         self.metric = ModalityIntegrationRate(num_layers, hidden_size, **kwargs).to(device)
 
     def _reset_metric(self, device: torch.device) -> None:
         if self.metric is not None and (
-            self.metric.num_layers != len(self.layer_ids) or self.metric.device != device
+            self.metric.layer_ids != self.layer_ids or self.metric.device != device
         ):
             self.metric = None
         if self.metric is not None:
@@ -250,9 +251,9 @@ class Measurement:
             return
         try:
             ids = select_layers(range(len(hidden_states)), self.layer_indices)
+            self.layer_ids = ids
             if self.metric is None:
                 self._new_metric(len(ids), hidden_states[0].shape[-1], hidden_states[0].device)
-            self.layer_ids = ids
             self.metric.update([hidden_states[i] for i in ids], vision_mask.bool(), text_mask.bool())
         except Exception as err:
             self.fail(err)
