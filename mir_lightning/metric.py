@@ -517,7 +517,8 @@ class ModalityIntegrationRate(Metric):
         shapes (accelerators) every new row is written, the ones not entering into the scratch
         slot ``K``; otherwise only the entering rows are copied."""
         K = self.max_outliers
-        candidates = torch.cat([views.tail_norms, norms, batch.pad_norms]).take(batch.tail_candidates)  # [4, K + N]
+        pool = torch.cat([views.tail_norms, norms, batch.pad_norms])
+        candidates = pool.take(batch.tail_candidates)  # [4, K + N]
         top = candidates.mul_(batch.end_sign).topk(K + 1, dim=1)  # on keys: the low end negated
         dropped = views.tail_dropped
         torch.mul(torch.maximum(dropped * batch.end_sign_flat, top.values[:, K]), batch.end_sign_flat, out=dropped)
@@ -528,12 +529,12 @@ class ModalityIntegrationRate(Metric):
         rank = entering.cumsum(1).mul_(entering)  # 1, 2, ... for the entering rows of a tail, 0 for the others
         slot = torch.cat([batch.scratch_slot, freed_first], 1).gather(1, rank)  # [4, N]: slot K for rank 0
         slot = slot.add_(batch.tail_offsets).view(-1)
-        sources = batch.tail_rows
+        sources, values = batch.tail_rows, batch.tail_new_candidates  # padding: row 0 with an empty slot's norm
         if not summaries.fixed_shapes(rows.device):  # only the entering rows
             pick = rank.view(-1).nonzero().squeeze(1)
-            slot, sources = slot.index_select(0, pick), sources.index_select(0, pick)
+            slot, sources, values = slot.index_select(0, pick), sources.index_select(0, pick), values.index_select(0, pick)
         views.tail_rows.index_copy_(0, slot, rows.index_select(0, sources))
-        views.tail_norms.index_copy_(0, slot, norms.index_select(0, sources))
+        views.tail_norms.index_copy_(0, slot, pool.index_select(0, values))
 
     def _sketch_rows(self, k: int, views: LayerViews, selected: Tensor, norms: Tensor, batch: BatchIndex,
                      seen: tuple[int, int]) -> None:

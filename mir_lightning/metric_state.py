@@ -207,7 +207,9 @@ class BatchIndex:
     (modality, end) tail the index of each candidate's norm in ``cat([tail_norms [4 (K+1)],
     norms [n], pad_norms])``: its ``K`` kept slots, then the new rows of its modality, padded
     to ``N = max(counts)`` with the norm (``-inf`` high end, ``+inf`` low end) that is never
-    kept; ``tail_rows [4 N]``: the row behind each new candidate (0 for padding);
+    kept; ``tail_new_candidates [4 N]``: the new candidates' part of it, flattened (a padding
+    candidate that ties with an empty slot and enters writes an empty slot's norm);
+    ``tail_rows [4 N]``: the row behind each new candidate (0 for padding);
     ``med_slots``, ``nrm_slots`` ``[n]``: the row's place in the flattened exact sketch buffers
     before the rows already seen are added; ``bin_offsets``: per sketch ``[1, n]``, the
     modality's offset (``bins * modality``) in a ``[C, 2 bins]`` histogram; constants
@@ -224,6 +226,7 @@ class BatchIndex:
     mean_weights64: Tensor
     member_rows64: Tensor
     tail_candidates: Tensor
+    tail_new_candidates: Tensor
     tail_rows: Tensor
     med_slots: Tensor
     nrm_slots: Tensor
@@ -262,7 +265,8 @@ class BatchIndex:
             count_vector=torch.tensor([nv, nt]), modality=modality,
             membership=membership64.to(dtype), mean_weights=mean_weights64.to(dtype),
             membership64=membership64, mean_weights64=mean_weights64, member_rows64=membership64.mT.contiguous(),
-            tail_candidates=torch.stack(candidates), tail_rows=torch.cat(rows),
+            tail_candidates=torch.stack(candidates), tail_new_candidates=torch.stack(candidates)[:, K:].reshape(-1),
+            tail_rows=torch.cat(rows),
             med_slots=within + modality * metric.median_buffer, nrm_slots=within + modality * metric.norm_buffer,
             end_sign=torch.tensor([[1.0], [-1.0], [1.0], [-1.0]], dtype=dtype),
             end_sign_flat=torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=dtype),

@@ -37,7 +37,6 @@ __all__ = [
     "histogram_add_by_group",
     "histogram_grid",
     "histogram_rebin",
-    "merge_summaries",
     "moments_merge",
     "moments_recentre",
     "moments_update",
@@ -462,27 +461,6 @@ class ModalitySummary:
         if self.count < 2:
             return 0.0
         return math.sqrt(max(float(self.norm_m2.reshape(())) / (self.count - 1), 0.0))
-
-
-def _merge_tails(a: Tail, b: Tail) -> Tail:
-    """Union of two tails, kept whole (the capacity bounds the state, not a one-layer merge)."""
-    extreme = torch.maximum if a.largest else torch.minimum
-    return Tail(torch.cat([a.rows, b.rows.to(a.rows.dtype)]), torch.cat([a.norms, b.norms.to(a.norms.dtype)]),
-                extreme(a.dropped, b.dropped.to(a.dropped.dtype)), a.largest)
-
-
-def merge_summaries(a: ModalitySummary, b: ModalitySummary) -> ModalitySummary:
-    """The summary of both streams: exact co-moments and norm moments (:func:`moments_merge`),
-    the union of the tails and of the median sketches' parts."""
-    count, mean, m2 = moments_merge([a.count, b.count], [a.mean, b.mean], [a.m2, b.m2])
-    _, norm_mean, norm_m2 = moments_merge([a.count, b.count], [a.norm_mean, b.norm_mean], [a.norm_m2, b.norm_m2])
-    return ModalitySummary(
-        count=count, mean=mean, m2=m2, norm_mean=norm_mean, norm_m2=norm_m2,
-        high=_merge_tails(a.high, b.high), low=_merge_tails(a.low, b.low),
-        values=MedianSketch(torch.cat([a.values.rows, b.values.rows]), a.values.histograms + b.values.histograms),
-        norms=MedianSketch(torch.cat([a.norms.rows, b.norms.rows]), a.norms.histograms + b.norms.histograms),
-        nonfinite=a.nonfinite + b.nonfinite,
-    )
 
 
 @dataclass

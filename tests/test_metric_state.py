@@ -225,3 +225,24 @@ def test_state_nbytes_for_counts_the_state_held():
     assert metric.med_hist.numel() and metric.nrm_hist.numel()  # every buffer in use
     assert held == metric.state_nbytes() == ModalityIntegrationRate.state_nbytes_for(
         2, 16, max_outliers=8, median_buffer=16, norm_buffer=32, median_bins=32, norm_bins=64)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_tails_not_yet_full_keep_each_row_once(monkeypatch, fixed):
+    """Fewer tokens than max_outliers per batch, the first selected row of every sample an
+    attention sink: tails that are not full must not take padding candidates as copies of a row
+    (which counted one sink many times over: 62 vision outliers instead of 14 in the README
+    example); outlier counts and FD as in the reference."""
+    monkeypatch.setattr(summaries, "fixed_shapes", lambda device: fixed)
+    hidden, vision, text = llm_like_hidden(layers=2, batch=6, massive=(4,), seed=12)
+    _, ref_fd, ref = reference_from_hidden(hidden, vision, text, 3.0)
+    metric = ModalityIntegrationRate(2, hidden.shape[-1])
+    for row in range(hidden.shape[1]):
+        metric.update(hidden[:, row:row + 1], vision[row:row + 1], text[row:row + 1])
+    stats = metric.per_layer_stats()
+    for k in range(2):
+        assert ref[k]["outliers_vision"] >= 6
+        assert int(stats["outliers_vision"][k]) == ref[k]["outliers_vision"]
+        assert int(stats["outliers_text"][k]) == ref[k]["outliers_text"]
+    # exact medians, float32 inputs: measured <= 1e-12 (test_metric.EXACT_RTOL is 1e-10)
+    np.testing.assert_allclose(stats["fd"].numpy(), ref_fd, rtol=1e-10)
