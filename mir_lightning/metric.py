@@ -502,7 +502,7 @@ class ModalityIntegrationRate(Metric):
         centred = torch.addmv(norms, batch.membership64, batch_means, alpha=-1.0)
         steps, cross = self._chan_weights(seen, batch)
         delta = list((batch_means - views.norm_mean).unbind(0))
-        views.norm_m2.add_(torch.mv(batch.member_rows64, centred * centred))  # centred sums of squares
+        views.norm_m2.addmv_(batch.member_rows64, centred * centred)  # + centred sums of squares
         torch._foreach_addcmul_(views.norm_m2s, delta, delta, cross)
         torch._foreach_add_(views.norm_means, torch._foreach_mul(delta, steps))
 
@@ -553,7 +553,8 @@ class ModalityIntegrationRate(Metric):
             if grid is not None and all(c > capacity for c in seen):  # both on their histograms already
                 hist, centre, scale = grid
                 offsets = batch.med_bin_offsets if sketch == "med" else batch.nrm_bin_offsets
-                histogram_add_by_group(hist, centre, scale, x, batch.modality, offsets, bins)
+                ones = batch.med_ones if sketch == "med" else batch.nrm_ones
+                histogram_add_by_group(hist, centre, scale, x, batch.modality, offsets, bins, ones)
                 continue
             for i, (part, c) in enumerate(zip(x.split(batch.counts), seen)):
                 if part.shape[0]:

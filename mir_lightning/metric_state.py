@@ -212,7 +212,8 @@ class BatchIndex:
     ``tail_rows [4 N]``: the row behind each new candidate (0 for padding);
     ``med_slots``, ``nrm_slots`` ``[n]``: the row's place in the flattened exact sketch buffers
     before the rows already seen are added; ``bin_offsets``: per sketch ``[1, n]``, the
-    modality's offset (``bins * modality``) in a ``[C, 2 bins]`` histogram; constants
+    modality's offset (``bins * modality``) in a ``[C, 2 bins]`` histogram, and ``[C, n]``
+    int32 views of one (``med_ones``, ``nrm_ones``) to count with; constants
     ``end_sign [4, 1]`` (+1 high end, -1 low end), ``pad_norms [2]``, ``scratch_slot [4, 1]``
     (``K``), ``tail_offsets [4, 1]`` (``(K + 1) * tail``)."""
 
@@ -232,6 +233,8 @@ class BatchIndex:
     nrm_slots: Tensor
     med_bin_offsets: Tensor
     nrm_bin_offsets: Tensor
+    med_ones: Tensor
+    nrm_ones: Tensor
     end_sign: Tensor
     end_sign_flat: Tensor
     pad_norms: Tensor
@@ -277,4 +280,6 @@ class BatchIndex:
         moved = {name: t.to(device) for name, t in cpu.items()}
         if dtype == torch.float64:  # one tensor each, not two equal ones
             moved["membership"], moved["mean_weights"] = moved["membership64"], moved["mean_weights64"]
-        return cls(positions=torch.cat(list(positions)).to(device), counts=(nv, nt), **moved)
+        one = torch.ones((), dtype=torch.int32, device=device)
+        return cls(positions=torch.cat(list(positions)).to(device), counts=(nv, nt), **moved,
+                   med_ones=one.expand(metric.hidden_size, n), nrm_ones=one.expand(1, n))

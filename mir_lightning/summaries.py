@@ -276,13 +276,15 @@ def histogram_add(hist: Tensor, centre: Tensor, scale: Tensor, x: Tensor) -> Non
 
 
 def histogram_add_by_group(
-    hist: Tensor, centre: Tensor, scale: Tensor, x: Tensor, group: Tensor, offsets: Tensor, bins: int
+    hist: Tensor, centre: Tensor, scale: Tensor, x: Tensor, group: Tensor, offsets: Tensor, bins: int,
+    ones: Tensor | None = None,
 ) -> None:
     """Count rows ``x [n, C]`` of ``G`` groups (the modalities) into ``hist [C, G * bins]`` in
     place, each row on its group's grid (``centre``, ``scale`` ``[G, C]``; group ``g``'s bins at
     ``g * bins``): the bins :func:`histogram_add` gives each group, in one pass for all.
 
-    ``group [n]``: each row's group; ``offsets [1, n]``: ``group * bins``. Rows go through in
+    ``group [n]``: each row's group; ``offsets [1, n]``: ``group * bins``; ``ones``: optionally
+    a ``[C, n]`` view of ones of ``hist``'s dtype (made here otherwise). Rows go through in
     chunks as in :func:`histogram_add`, transposed to ``[C, rows]`` so that each column's counts
     are added into one contiguous row of ``hist``.
     """
@@ -299,7 +301,9 @@ def histogram_add_by_group(
         pos = _bin_position(chunk.mT.to(dtype), centre.index_select(0, ids).mT, inverse.index_select(0, ids).mT, bins,
                             offset=1.0).clamp_(0, bins - 1)
         index = pos.to(torch.long).add_(shift)  # truncation = floor (pos >= 0)
-        hist.scatter_add_(1, index, torch.ones((), dtype=hist.dtype, device=hist.device).expand_as(index))
+        if ones is None or rows < n:
+            ones = torch.ones((), dtype=hist.dtype, device=hist.device).expand_as(index)
+        hist.scatter_add_(1, index, ones)
 
 
 def _histogram_cdf(cum: Tensor, centre: Tensor, inverse_scale: Tensor, v: Tensor) -> Tensor:
