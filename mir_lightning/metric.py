@@ -268,6 +268,9 @@ class ModalityIntegrationRate(Metric):
         # the per-modality attribute names of earlier versions (``vision_m2``, ``text_count``...)
         modality, _, field_name = name.partition("_")
         if modality in MODALITIES and field_name in ModalityState.LEGACY_NAMES:
+            if not self.count.numel():  # not allocated yet: the (empty) placeholder, allocating nothing
+                end, _, rest = field_name.partition("_")
+                return getattr(self, f"tail_{rest}" if end in ("top", "bottom") else field_name)
             return ModalityState.legacy_field(self.modality_state(modality), field_name)
         return super().__getattr__(name)
 
