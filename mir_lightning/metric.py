@@ -527,8 +527,8 @@ class ModalityIntegrationRate(Metric):
         torch.mul(torch.maximum(dropped * batch.end_sign_flat, top.values[:, K]), batch.end_sign_flat, out=dropped)
         stays = torch.zeros(candidates.shape, dtype=torch.bool, device=candidates.device)
         stays.scatter_(1, top.indices[:, :K], True)
-        freed_first = torch.sort(stays[:, :K], dim=1, stable=True).indices  # freed slots, ascending, then kept ones
-        entering = stays[:, K:]
+        kept_slots, entering = stays.split([K, stays.shape[1] - K], dim=1)
+        freed_first = torch.sort(kept_slots, dim=1, stable=True).indices  # freed slots, ascending, then kept ones
         rank = entering.cumsum(1).mul_(entering)  # 1, 2, ... for the entering rows of a tail, 0 for the others
         slot = torch.cat([batch.scratch_slot, freed_first], 1).gather(1, rank)  # [4, N]: slot K for rank 0
         slot = slot.add_(batch.tail_offsets).view(-1)

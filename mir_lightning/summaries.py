@@ -298,8 +298,11 @@ def histogram_add_by_group(
         chunk, ids, shift = x, group, offsets
         if rows < n:
             chunk, ids, shift = x[start : start + rows], group[start : start + rows], offsets[:, start : start + rows]
+        m = chunk.shape[0]
+        # into [C, rows] buffers: the columns' values, then their bin indices, lie contiguous (3x faster on CPU)
+        buffers = (torch.empty(columns, m, dtype=dtype, device=x.device), torch.empty(columns, m, dtype=dtype, device=x.device))
         pos = _bin_position(chunk.mT.to(dtype), centre.index_select(0, ids).mT, inverse.index_select(0, ids).mT, bins,
-                            offset=1.0).clamp_(0, bins - 1)
+                            offset=1.0, buffers=buffers).clamp_(0, bins - 1)
         index = pos.to(torch.long).add_(shift)  # truncation = floor (pos >= 0)
         if ones is None or rows < n:
             ones = torch.ones((), dtype=hist.dtype, device=hist.device).expand_as(index)
