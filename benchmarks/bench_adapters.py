@@ -79,7 +79,7 @@ def lightning_adapter(parts: lvlm.Parts, probe_loader: Any, every: int, steps: i
     from mir_lightning import MIRCallback
 
     train_loader, _ = parts.loaders(batch_size=12)
-    callback = MIRCallback(probe_dataloader=probe_loader, every_n_steps=every, median_buffer=1024,
+    callback = MIRCallback(probe_dataloader=probe_loader, every_n_steps=every,
                            log_figures=figures)
     timer = HookTimer()
     timer.wrap(callback, "on_train_batch_end", callback.probe)
@@ -96,7 +96,7 @@ def hf_adapter(parts: lvlm.Parts, probe_loader: Any, every: int, steps: int, out
 
     from mir_lightning.integrations.hf_trainer import MIRTrainerCallback
 
-    callback = MIRTrainerCallback(probe_loader, every_n_steps=every, median_buffer=1024)
+    callback = MIRTrainerCallback(probe_loader, every_n_steps=every)
     timer = HookTimer()
     timer.wrap(callback, "on_step_end", callback.probe)
     args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=12, learning_rate=3e-3,
@@ -115,7 +115,7 @@ def own_loop_adapter(parts: lvlm.Parts, probe_loader: Any, every: int, steps: in
     model = parts.model()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     loop = MIRLoopAdapter(probe_loader, SummaryWriter(f"{out}/own_loop"), every_n_steps=every, log_layer_stats=("fd",),
-                          log_figures=False, median_buffer=1024)
+                          log_figures=False)
     timer = HookTimer()
     timer.wrap(loop, "measure", loop.probe)
     for step, batch in enumerate(train_loader, start=1):

@@ -168,10 +168,8 @@ def run_one(parts: lvlm.Parts, spec: RunSpec, steps: int, val_every: int, batch_
                             weight_decay=spec.weight_decay)
     history = ValidationHistory()
     # the validation set IS the fixed probe: both callbacks capture its batches through layer hooks;
-    # median_buffer above the probe's token counts (900 + 900): the outlier rule's median row is exact
-    mir_cb = MIRCallback(name="mir", log_layer_stats=(), log_figures=False, median_buffer=1024)
-    pm_cb = MIRCallback(name="mir_pm", normalization="per_modality", log_layer_stats=(), log_figures=False,
-                        median_buffer=1024)
+    mir_cb = MIRCallback(name="mir", log_layer_stats=(), log_figures=False)
+    pm_cb = MIRCallback(name="mir_pm", normalization="per_modality", log_layer_stats=(), log_figures=False)
     timer = StepTimer()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1,
                         val_check_interval=val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,

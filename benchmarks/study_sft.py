@@ -263,7 +263,7 @@ def measure_mir(model: lvlm.LVLM, probe_loader: Any) -> dict[str, float]:
 
     out: dict[str, float] = {}
     for name, kw in (("mir", {}), ("mir_pm", {"normalization": "per_modality"})):
-        res = MIRProbe(probe_loader, median_buffer=1024, **kw).run(model)
+        res = MIRProbe(probe_loader, **kw).run(model)
         if res.error is not None:
             raise RuntimeError(f"post-SFT {name} failed: {res.error}")
         entry = {"mir": res.mir, **{k: v.tolist() for k, v in res.stats.items()}}

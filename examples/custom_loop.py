@@ -56,9 +56,8 @@ def train(args: argparse.Namespace) -> lvlm.ProbeRun:
     train_loader, probe_loader = parts.loaders(args.batch_size, seed=args.seed)
     model = parts.model()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    # median_buffer above the probe's tokens per modality keeps the outlier rule's median row exact
     writer = SummaryWriter(args.log_dir)
-    mir = MIRLoopAdapter(probe_loader, writer, every_n_steps=args.probe_every, median_buffer=1024)
+    mir = MIRLoopAdapter(probe_loader, writer, every_n_steps=args.probe_every)
     start = time.time()
     rows = [measure(mir, model, probe_loader, 0)]
     step = 0

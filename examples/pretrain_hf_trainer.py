@@ -63,8 +63,7 @@ def train(args: argparse.Namespace) -> lvlm.ProbeRun:
         args=training_args,
         train_dataset=lvlm.FeatureDataset(parts.train_features, parts.train_labels),
         data_collator=lvlm.Collate(parts.layout),
-        # median_buffer above the probe's tokens per modality keeps the outlier rule's median row exact
-        callbacks=[MIRTrainerCallback(probe_loader, every_n_steps=args.probe_every, median_buffer=1024)],
+        callbacks=[MIRTrainerCallback(probe_loader, every_n_steps=args.probe_every)],
     )
     trainer.train()
     rows = [dict(entry) for entry in trainer.state.log_history if "mir" in entry]

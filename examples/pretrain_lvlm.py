@@ -175,8 +175,7 @@ def main(argv: list[str] | None = None) -> RunResult:
 
         # MIR of the validation batches (= the fixed held-out probe): the callback finds the LLM's decoder
         # layers inside the module and reads batch["vision_mask"] / batch["text_mask"];
-        # median_buffer above the probe's 900 tokens per modality keeps the outlier rule's median row exact
-        mir_cb = MIRCallback(name="mir", median_buffer=1024)
+        mir_cb = MIRCallback(name="mir")
         callbacks.insert(0, mir_cb)
         if args.early_stop:
             es_cb = MIREarlyStopping(monitor="mir", patience=args.es_patience, min_delta=args.es_min_delta)

@@ -219,6 +219,7 @@ class Measurement:
 
     def _new_metric(self, num_layers: int, hidden_size: int, device: torch.device) -> None:
         kwargs = dict(self.metric_kwargs)
+        kwargs.setdefault("layer_ids", list(self.layer_ids) if len(self.layer_ids) == num_layers else None)
         if self.process_group is not None:
             kwargs["process_group"] = self.process_group
         self.metric = ModalityIntegrationRate(num_layers, hidden_size, **kwargs).to(device)
@@ -350,9 +351,9 @@ class Measurement:
             return
         try:
             ids = select_layers(range(len(hidden_states)), self.layer_indices)
+            self.layer_ids = ids
             if self.metric is None:
                 self._new_metric(len(ids), hidden_states[0].shape[-1], hidden_states[0].device)
-            self.layer_ids = ids
             if is_dtensor(hidden_states[0]):  # tensor / sequence parallel: each layer's local shard
                 self._local_masks, masks = {}, (vision_mask.bool(), text_mask.bool())
                 for index, layer in enumerate(ids):

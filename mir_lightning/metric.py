@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
@@ -12,21 +11,35 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from mir_lightning import _distributed as D
+from mir_lightning._warnings import warn_once
+from mir_lightning import summaries
 from mir_lightning.functional import SQRT_MODES, LayerResult, layer_result
+from mir_lightning.metric_state import (
+    MODALITIES,
+    SKETCHES,
+    BatchIndex,
+    InputErrorCounts,
+    LayerViews,
+    ModalityState,
+    SketchState,
+    StateSpec,
+)
 from mir_lightning.summaries import (
     MedianSketch,
     ModalitySummary,
-    Tail,
     histogram_add,
+    histogram_add_by_group,
     histogram_grid,
     histogram_rebin,
     moments_merge,
-    moments_update,
     tails_update,
 )
 
-MODALITIES = ("vision", "text")
 STAT_KEYS = LayerResult.STATS
+DEFAULT_MEDIAN_BUFFER = 1024
+"""Exact median rows per layer and modality by default: above the 900 tokens per modality of a
+100-sample probe of the example model (``examples/lvlm.py``: 9 image tokens and 9 text tokens
+per sample), so that its outlier rule is exact."""
 
 
 class ModalityIntegrationRate(Metric):
@@ -57,15 +70,15 @@ class ModalityIntegrationRate(Metric):
             comparing with numbers made that way.
         state_dtype: dtype of the co-moments and kept rows (``torch.float64`` default;
             ``torch.float32`` halves memory, see README for its accuracy).
-        max_outliers: largest-norm rows kept per layer and modality (K; the smallest-norm
-            end keeps ``min(K, 64)``: low-norm outliers are rare). The outlier rule is exact
-            while every outlier is among them; otherwise only the kept ones are replaced
-            and a warning says so (detected exactly: the largest norm ever dropped is kept).
+        max_outliers: rows kept at each end of the norm distribution per layer and modality
+            (K largest, K smallest). The outlier rule is exact while every outlier is among
+            them; otherwise only the kept ones are replaced and a warning says so (detected
+            exactly: the most extreme norm ever dropped is kept).
         median_buffer: rows per layer and modality kept exactly for the per-dimension median
-            (R); beyond it a ``median_bins``-bin histogram per dimension (finest near the
-            median) is used, with a warning: measured relative FD-sum error <= 1e-6 on
-            LLM-like data, up to ~1e-4 when vision and text are nearly identical (FD far
-            below the traces), see README.
+            (R; default 1024, enough for the example's 100-sample probe); beyond it a
+            ``median_bins``-bin histogram per dimension (finest near the median) is used, with
+            a warning: measured relative FD-sum error <= 1e-6 on LLM-like data, up to ~1e-4
+            when vision and text are nearly identical (FD far below the traces), see README.
         median_bins: bins of that histogram.
         norm_buffer: norms kept exactly for the median norm; beyond, ``norm_bins`` bins.
         norm_bins: bins of the norm histogram.
@@ -80,10 +93,16 @@ class ModalityIntegrationRate(Metric):
             ``1 / mean text-token norm``. ``"per_modality"``: a labelled VARIANT, not the
             paper's MIR: each modality scaled by its own mean norm, so a vision/text scale
             gap (e.g. a growing projector output norm) no longer enters the distance.
+        layer_ids: the model's id of each of the ``num_layers`` layers (default ``0, 1, ...``),
+            used in warnings, errors and :meth:`plot`; entry ``j`` of every per-layer result is
+            layer ``layer_ids[j]``.
         kwargs: torchmetrics options (``process_group``...). ``sync_on_compute`` and
             ``dist_sync_on_step`` are not supported: ``compute()`` always merges all ranks,
             layer by layer, so every rank must call it. ``compute()`` caches its result
             itself (torchmetrics' ``compute_with_cache`` is off).
+
+    Warnings are shown once per process and cause (:func:`mir_lightning._warnings.warn_once`):
+    a probe repeated during training does not repeat them.
 
     The median buffers hold float32 values: for float64 inputs the exact-median outlier rule
     is exact up to float32 rounding of the median row (relative ~1e-10 of the FD measured).
@@ -114,13 +133,14 @@ class ModalityIntegrationRate(Metric):
         sqrt_mode: Literal["exact", "official_fast"] = "exact",
         state_dtype: torch.dtype = torch.float64,
         max_outliers: int = 512,
-        median_buffer: int = 512,
+        median_buffer: int = DEFAULT_MEDIAN_BUFFER,
         median_bins: int = 512,
         norm_buffer: int = 2**18,
         norm_bins: int = 2**16,
         nan_strategy: Literal["error", "skip"] = "error",
         compute_on_cpu_linalg: bool = False,
         normalization: Literal["text", "per_modality"] = "text",
+        layer_ids: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         for key in ("sync_on_compute", "dist_sync_on_step"):
@@ -144,11 +164,13 @@ class ModalityIntegrationRate(Metric):
             raise ValueError(f"normalization must be 'text' or 'per_modality', got {normalization!r}")
         self.num_layers = int(num_layers)
         self.hidden_size = int(hidden_size)
+        self.layer_ids = list(range(self.num_layers)) if layer_ids is None else [int(i) for i in layer_ids]
+        if len(self.layer_ids) != self.num_layers:
+            raise ValueError(f"layer_ids names {len(self.layer_ids)} layers, the metric has num_layers={self.num_layers}")
         self.outlier_sigma = outlier_sigma
         self.sqrt_mode = sqrt_mode
         self.state_dtype = state_dtype
         self.max_outliers = int(max_outliers)
-        self.bottom_capacity = min(self.max_outliers, 64)
         self.median_buffer = int(median_buffer)
         self.median_bins = int(median_bins)
         self.norm_buffer = int(norm_buffer)
@@ -160,52 +182,51 @@ class ModalityIntegrationRate(Metric):
         self._mir = math.nan
         # tokens folded per modality and layer, mirrored on the host so update() never reads the device
         self._seen: list[list[int]] | None = [[0] * self.num_layers for _ in MODALITIES]
-        self._mask_cache: tuple[Any, ...] | None = None
-        # device-side counts of input problems, raised later without stalling update(): key 0 positions
-        # in both masks; 1 + 2k + i non-finite tokens of layer k, modality i (nan_strategy="error").
-        # Summed out of place: the counts may be made under inference mode and read outside it.
-        self._bad_inputs: dict[int, Tensor] = {}
+        self._batch_cache: tuple[tuple[Any, ...], BatchIndex] | None = None
+        self._views_cache: tuple[tuple[Tensor, ...], dict[int, LayerViews]] | None = None
+        self._input_errors = InputErrorCounts()
         # Big states start as empty placeholders (so torchmetrics' reset copies are tiny) and are
         # allocated on first use. They never go through torchmetrics' reductions: compute() and
         # merge_state() merge them exactly through the typed summaries (dist_reduce_fx=None).
-        for m in MODALITIES:
-            for name, (_, dtype, _) in self._layout(m).items():
-                self.add_state(name, torch.zeros(0, dtype=dtype), dist_reduce_fx=None)
-            for sketch in ("med", "nrm"):
-                self.add_state(f"{m}_{sketch}_hist", torch.zeros(0, dtype=torch.int32), dist_reduce_fx=None)
+        for name, spec in self._layout().items():
+            self.add_state(name, torch.zeros(0, dtype=spec.dtype), dist_reduce_fx=None)
+        for sketch in SKETCHES:
+            self.add_state(f"{sketch}_hist", torch.zeros(0, dtype=torch.int32), dist_reduce_fx=None)
 
     # ------------------------------------------------------------------ state layout
-    def _layout(self, m: str) -> dict[str, tuple[tuple[int, ...], torch.dtype, float | None]]:
-        """name -> (shape, dtype, fill) of every state of modality ``m`` (histograms excluded).
+    def _layout(self) -> dict[str, StateSpec]:
+        """name -> (shape, dtype, fill) of every registered state (histograms excluded).
 
-        Per layer: ``count``, ``nonfinite``; co-moments ``mean [D]``, ``m2 [D, D]``; norm
-        moments ``norm_mean [1]``, ``norm_m2 [1, 1]``; tails ``top_*`` / ``bottom_*`` (rows,
-        norms, dropped); median sketches ``med_*`` (values) and ``nrm_*`` (norms): exact rows,
-        grid centre and scale. ``fill=None``: row buffers left uninitialised (only slots that
-        counts or finite norms mark as filled are ever read), so a reset costs no writes."""
+        Every state is stacked ``[layers, modality, ...]`` (modality 0 vision, 1 text; the tails
+        also ``[..., end, ...]``, end 0 the largest norms, 1 the smallest), so that one kernel
+        updates both modalities and both ends; :meth:`modality_state` gives one modality's typed
+        views. Per layer and modality: ``count``, ``nonfinite``; co-moments ``mean [D]``,
+        ``m2 [D, D]``; norm moments ``norm_mean [1]``, ``norm_m2 [1, 1]``; tails (rows, norms,
+        most extreme dropped norm) with ``K + 1`` slots per end (the last one a scratch slot that
+        fixed-shape updates write unused rows into, never read); median sketches ``med_*``
+        (values) and ``nrm_*`` (norms): exact rows, grid centre and scale. ``fill=None``: row
+        buffers left uninitialised (only slots that counts or finite norms mark as filled are
+        ever read), so a reset costs no writes; a pair fills the two tail ends."""
         L, Dm, K, sd = self.num_layers, self.hidden_size, self.max_outliers, self.state_dtype
-        Kb, f64 = self.bottom_capacity, torch.float64
+        f64, inf = torch.float64, math.inf
         return {
-            f"{m}_count": ((L,), torch.long, 0),
-            f"{m}_nonfinite": ((L,), torch.long, 0),
-            f"{m}_mean": ((L, Dm), sd, 0),
-            f"{m}_m2": ((L, Dm, Dm), sd, 0),
-            f"{m}_norm_mean": ((L, 1), f64, 0),
-            f"{m}_norm_m2": ((L, 1, 1), f64, 0),
-            f"{m}_top_rows": ((L, K, Dm), sd, None),
-            f"{m}_top_norms": ((L, K), sd, -math.inf),
-            f"{m}_top_dropped": ((L,), sd, -math.inf),
-            f"{m}_bottom_rows": ((L, Kb, Dm), sd, None),
-            f"{m}_bottom_norms": ((L, Kb), sd, math.inf),
-            f"{m}_bottom_dropped": ((L,), sd, math.inf),
-            f"{m}_med_rows": ((L, self.median_buffer, Dm), torch.float32, None),
-            f"{m}_med_centre": ((L, Dm), f64, 0),
-            f"{m}_med_scale": ((L, Dm), f64, 0),
+            "count": StateSpec((L, 2), torch.long, 0),
+            "nonfinite": StateSpec((L, 2), torch.long, 0),
+            "mean": StateSpec((L, 2, Dm), sd, 0),
+            "m2": StateSpec((L, 2, Dm, Dm), sd, 0),
+            "norm_mean": StateSpec((L, 2, 1), f64, 0),
+            "norm_m2": StateSpec((L, 2, 1, 1), f64, 0),
+            "tail_rows": StateSpec((L, 2, 2, K + 1, Dm), sd, None),
+            "tail_norms": StateSpec((L, 2, 2, K + 1), sd, (-inf, inf)),
+            "tail_dropped": StateSpec((L, 2, 2), sd, (-inf, inf)),
+            "med_rows": StateSpec((L, 2, self.median_buffer, Dm), torch.float32, None),
+            "med_centre": StateSpec((L, 2, Dm), f64, 0),
+            "med_scale": StateSpec((L, 2, Dm), f64, 0),
             # norms in float64: after a final RMSNorm every token's norm can agree to ~1e-8,
             # below float32 resolution, and the rule's median norm must resolve that spread
-            f"{m}_nrm_rows": ((L, self.norm_buffer, 1), f64, None),
-            f"{m}_nrm_centre": ((L, 1), f64, 0),
-            f"{m}_nrm_scale": ((L, 1), f64, 0),
+            "nrm_rows": StateSpec((L, 2, self.norm_buffer, 1), f64, None),
+            "nrm_centre": StateSpec((L, 2, 1), f64, 0),
+            "nrm_scale": StateSpec((L, 2, 1), f64, 0),
         }
 
     def _sketch_size(self, sketch: str) -> tuple[int, int, int]:
@@ -215,29 +236,49 @@ class ModalityIntegrationRate(Metric):
         return 1, self.norm_buffer, self.norm_bins
 
     def _ensure_allocated(self) -> None:
-        if self.vision_count.numel():
+        if self.count.numel():
             return
-        for m in MODALITIES:
-            for name, (shape, dtype, fill) in self._layout(m).items():
-                if fill is None:
-                    setattr(self, name, torch.empty(shape, dtype=dtype, device=self.device))
-                else:
-                    setattr(self, name, torch.full(shape, fill, dtype=dtype, device=self.device))
+        for name, spec in self._layout().items():
+            if spec.fill is None:
+                tensor = torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
+            elif isinstance(spec.fill, tuple):
+                tensor = torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
+                for end, fill in enumerate(spec.fill):
+                    tensor[:, :, end] = fill
+            else:
+                tensor = torch.full(spec.shape, spec.fill, dtype=spec.dtype, device=self.device)
+            setattr(self, name, tensor)
 
-    def _histogram(self, m: str, sketch: str) -> Tensor:
-        name = f"{m}_{sketch}_hist"
-        hist = getattr(self, name)
+    def _histogram(self, sketch: str) -> Tensor:
+        """``[layers, columns, modality, bins]`` int32 counts of a sketch (allocated on first use;
+        modality inside a column, so that both modalities' counts of a column are one contiguous row)."""
+        hist = getattr(self, f"{sketch}_hist")
         if not hist.numel():
             cols, _, bins = self._sketch_size(sketch)
-            hist = torch.zeros(self.num_layers, cols, bins, dtype=torch.int32, device=self.device)
-            setattr(self, name, hist)
+            hist = torch.zeros(self.num_layers, cols, 2, bins, dtype=torch.int32, device=self.device)
+            setattr(self, f"{sketch}_hist", hist)
         return hist
+
+    def modality_state(self, modality: str) -> ModalityState:
+        """Typed views (no copies) of one modality's state, stacked over layers (allocates the state)."""
+        self._ensure_allocated()
+        return ModalityState.view(self.metric_state, MODALITIES.index(modality))
+
+    def __getattr__(self, name: str) -> Any:
+        # the per-modality attribute names of earlier versions (``vision_m2``, ``text_count``...)
+        modality, _, field_name = name.partition("_")
+        if modality in MODALITIES and field_name in ModalityState.LEGACY_NAMES:
+            if not self.count.numel():  # not allocated yet: the (empty) placeholder, allocating nothing
+                end, _, rest = field_name.partition("_")
+                return getattr(self, f"tail_{rest}" if end in ("top", "bottom") else field_name)
+            return ModalityState.legacy_field(self.modality_state(modality), field_name)
+        return super().__getattr__(name)
 
     def _host_seen(self) -> list[list[int]]:
         """Tokens folded per modality and layer (host ints; rebuilt from the state after a load)."""
         if self._seen is None:
-            counts = [getattr(self, f"{m}_count") for m in MODALITIES]
-            self._seen = [c.tolist() if c.numel() else [0] * self.num_layers for c in counts]
+            counts = self.count
+            self._seen = counts.mT.tolist() if counts.numel() else [[0] * self.num_layers for _ in MODALITIES]
         return self._seen
 
     @staticmethod
@@ -246,26 +287,27 @@ class ModalityIntegrationRate(Metric):
         hidden_size: int,
         state_dtype: torch.dtype = torch.float64,
         max_outliers: int = 512,
-        median_buffer: int = 512,
+        median_buffer: int = DEFAULT_MEDIAN_BUFFER,
         median_bins: int = 512,
         norm_buffer: int = 2**18,
         norm_bins: int = 2**16,
     ) -> int:
-        """Upper bound of the state in bytes (both modalities, histograms allocated).
+        """Bytes of the state of ``num_layers`` layers (both modalities, histograms allocated):
+        exactly what the state tensors hold once every buffer is in use.
 
-        Per layer and modality: ``s * (D^2 + D + (K + Kb) (D + 1) + 2) + 4 D (R + B) + 16 D
-        + 8 Rn + 4 Bn + 48`` with ``s`` the bytes of ``state_dtype``, ``Kb = min(K, 64)``.
-        Independent of the number of tokens.
+        Per layer and modality: ``s * (D^2 + D + 2 (K + 1) (D + 1) + 2) + 4 D (R + B) + 16 D
+        + 8 Rn + 4 Bn + 48`` with ``s`` the bytes of ``state_dtype``, ``K = max_outliers`` (rows
+        kept at each end of the norm distribution, plus one scratch slot). Independent of the
+        number of tokens.
         """
         s = torch.empty(0, dtype=state_dtype).element_size()
         Dm, K = hidden_size, max_outliers
-        Kb = min(K, 64)
-        per = s * (Dm * Dm + Dm + (K + Kb) * (Dm + 1) + 2) + 4 * Dm * (median_buffer + median_bins) + 16 * Dm
+        per = s * (Dm * Dm + Dm + 2 * (K + 1) * (Dm + 1) + 2) + 4 * Dm * (median_buffer + median_bins) + 16 * Dm
         per += 8 * norm_buffer + 4 * norm_bins + 16 + 32
         return 2 * num_layers * per
 
     def state_nbytes(self) -> int:
-        """Upper bound of this metric's state in bytes (see :meth:`state_nbytes_for`)."""
+        """Bytes of this metric's state once allocated (see :meth:`state_nbytes_for`)."""
         return self.state_nbytes_for(
             self.num_layers, self.hidden_size, self.state_dtype, self.max_outliers,
             self.median_buffer, self.median_bins, self.norm_buffer, self.norm_bins,
@@ -317,10 +359,10 @@ class ModalityIntegrationRate(Metric):
             for k, hidden in layers:
                 if k != layers[0][0]:
                     self._validate(hidden, vision_mask, text_mask)
-                flat = hidden.reshape(-1, self.hidden_size)
-                for i, (index, count) in enumerate(self._mask_index(vision_mask, text_mask, hidden.device)):
-                    if count:
-                        self._fold(i, k, flat.index_select(0, index).to(device=self.device))
+                batch = self._batch_index(vision_mask, text_mask, hidden.device)
+                if batch.total:
+                    flat = hidden.reshape(-1, self.hidden_size)
+                    self._fold(k, flat.index_select(0, batch.positions).to(device=self.device), batch)
         if layer is None:
             self._raise_input_errors()
 
@@ -346,94 +388,214 @@ class ModalityIntegrationRate(Metric):
             if tuple(mask.shape) != tuple(hidden.shape[:2]):
                 raise ValueError(f"{name} has shape {tuple(mask.shape)} but hidden states are {tuple(hidden.shape)} ([B, T, D])")
 
-    def _mask_index(self, vision_mask: Tensor, text_mask: Tensor, device: torch.device) -> list[tuple[Tensor, int]]:
-        """Flat positions and counts of both masks on ``device``, computed once per mask pair
-        (the one place a batch waits for the device: the number of selected positions)."""
+    def _batch_index(self, vision_mask: Tensor, text_mask: Tensor, device: torch.device) -> BatchIndex:
+        """The positions of both masks and the fold's index tensors, built once per mask pair (the
+        one place a batch waits for the device: the number of selected positions)."""
         key = (vision_mask, text_mask, _version(vision_mask), _version(text_mask), device)
-        cache = self._mask_cache
+        cache = self._batch_cache
         if cache is not None and all(a is b if isinstance(a, Tensor) else a == b for a, b in zip(cache[0], key)):
             return cache[1]
         vision, text = vision_mask.to(device), text_mask.to(device)
-        self._count_bad_input(0, (vision & text).sum())
-        index = []
-        for mask in (vision, text):
-            flat = mask.reshape(-1).nonzero().squeeze(1)
-            index.append((flat, flat.numel()))
-        self._mask_cache = (key, index)
-        return index
+        self._input_errors.add_both_masks((vision & text).sum())
+        positions = [mask.reshape(-1).nonzero().squeeze(1) for mask in (vision, text)]
+        batch = BatchIndex.build(positions, self)
+        self._batch_cache = (key, batch)
+        return batch
 
-    def _count_bad_input(self, key: int, count: Tensor) -> None:
-        previous = self._bad_inputs.get(key)
-        self._bad_inputs[key] = count if previous is None else previous + count.to(previous.device)
-
-    def _raise_input_errors(self) -> None:
-        """Raise what the device found wrong with the inputs since the last reset (one sync)."""
-        if not self._bad_inputs:
-            return
-        keys = list(self._bad_inputs)
-        counts = torch.stack([self._bad_inputs[key].to(self._bad_inputs[keys[0]].device) for key in keys])
-        if not bool(counts.any()):
-            return
-        bad = dict.fromkeys(range(1 + 2 * self.num_layers), 0)
-        bad.update(zip(keys, counts.tolist()))
+    def _input_error_messages(self) -> list[str]:
+        """What the device found wrong with the inputs since the last reset (one sync; [] if nothing)."""
+        counts = []
+        if self._input_errors.both_masks is not None:
+            counts.append(self._input_errors.both_masks.reshape(1).to(torch.long))
+        if self.count.numel():
+            # a non-finite value makes its row's norm +inf or NaN: such a row enters the high-norm
+            # tail of its modality and never leaves it (empty slots hold -inf)
+            high = self.tail_norms[:, :, 0, : self.max_outliers]
+            counts.append((torch.isnan(high) | (high == math.inf)).sum(-1).reshape(-1).to(counts[0].device if counts else high.device))
+        if not counts:
+            return []
+        flat = torch.cat([c.to(counts[0].device) for c in counts])
+        if not bool(flat.any()):
+            return []
+        values = flat.tolist()
         problems = []
-        if bad[0]:
-            problems.append(f"{bad[0]} position(s) are in both vision_mask and text_mask; each token must be one modality")
+        if self._input_errors.both_masks is not None:
+            both, values = values[0], values[1:]
+            if both:
+                problems.append(f"{both} position(s) are in both vision_mask and text_mask; each token must be one modality")
         for k in range(self.num_layers):
             for i, m in enumerate(MODALITIES):
-                if bad[1 + 2 * k + i]:
-                    problems.append(f"{bad[1 + 2 * k + i]} selected {m} token(s) of layer {k} hold non-finite values "
+                bad = values[2 * k + i] if values else 0
+                if bad:
+                    more = "" if bad < self.max_outliers else " (at least)"
+                    problems.append(f"{bad}{more} selected {m} token(s) of layer {self.layer_ids[k]} hold non-finite values "
                                     "(pass nan_strategy='skip' to drop and count them)")
-        raise ValueError("; ".join(problems) + ". The state holds these tokens now: reset() the metric")
+        return problems
 
-    def _fold(self, i: int, k: int, selected: Tensor) -> None:
-        """Fold the selected tokens ``[n, D]`` of modality ``i`` into layer ``k`` (input dtype, on
-        the metric's device; a copy this method may overwrite). The median sketch bins them in
-        their own dtype (float32 for half-precision inputs), the rest works in the state dtype."""
-        m = MODALITIES[i]
+    def _raise_input_errors(self) -> None:
+        """Raise what the device found wrong with the inputs since the last reset."""
+        problems = self._input_error_messages()
+        if problems:
+            raise ValueError("; ".join(problems) + ". The state holds these tokens now: reset() the metric")
+
+    def _views(self, k: int) -> LayerViews:
+        """Layer ``k``'s views into the state, made once per allocation (views cost a dispatch each)."""
+        bases = tuple(getattr(self, name) for name in LayerViews.BASES)
+        cache = self._views_cache
+        if cache is None or not all(a is b for a, b in zip(cache[0], bases)):
+            cache = self._views_cache = (bases, {})
+        views = cache[1].get(k)
+        if views is None:
+            views = cache[1][k] = LayerViews.of(self, k)
+        return views
+
+    def _fold(self, k: int, selected: Tensor, batch: BatchIndex) -> None:
+        """Fold the selected tokens ``[n, D]`` of layer ``k`` (vision rows, then text rows; input
+        dtype, on the metric's device; a copy this method may overwrite) into both modalities'
+        state. The median sketch keeps them in their own dtype (float32 for half-precision
+        inputs), the rest works in the state dtype."""
         rows = selected.to(self.state_dtype)
-        norms = rows.norm(dim=1)  # a non-finite value makes its row's norm non-finite
+        norms = torch.linalg.vector_norm(rows, dim=1)  # a non-finite value makes its row's norm non-finite
         if self.nan_strategy == "skip":
-            rows, norms, selected = self._drop_nonfinite(m, k, rows, norms, selected)
-            if not rows.shape[0]:
+            rows, norms, selected, batch = self._drop_nonfinite(k, rows, norms, selected, batch)
+            if not batch.total:
                 return
-        else:
-            self._count_bad_input(1 + 2 * k + i, (~torch.isfinite(norms)).sum())
-        seen = self._host_seen()[i][k]
-        for end in ("top", "bottom"):
-            tails_update(
-                getattr(self, f"{m}_{end}_rows")[k], getattr(self, f"{m}_{end}_norms")[k],
-                getattr(self, f"{m}_{end}_dropped")[k], rows, norms, largest=end == "top",
-            )
-        self._sketch_add(m, "med", k, seen, selected)
-        self._sketch_add(m, "nrm", k, seen, norms[:, None])
-        moments_update(seen, getattr(self, f"{m}_norm_mean")[k], getattr(self, f"{m}_norm_m2")[k],
-                       norms.to(torch.float64)[:, None])
-        # last: centres `rows` in place (a copy made by the mask selection; may be `selected`)
-        moments_update(seen, getattr(self, f"{m}_mean")[k], getattr(self, f"{m}_m2")[k], rows, overwrite=True)
-        getattr(self, f"{m}_count")[k] += rows.shape[0]
-        self._seen[i][k] = seen + rows.shape[0]
+        seen = self._host_seen()
+        counts = (seen[0][k], seen[1][k])
+        views = self._views(k)
+        norms64 = norms.to(torch.float64)
+        self._sketch_rows(k, views, selected, norms64, batch, counts)
+        self._tails_update(views, rows, norms, batch)
+        self._norm_moments_update(views, norms64, batch, counts)
+        self._moments_update(views, rows, batch, counts)  # last: centres `rows` in place
+        views.count.add_(batch.count_vector)
+        for i, n in enumerate(batch.counts):
+            seen[i][k] += n
 
-    def _drop_nonfinite(self, m: str, k: int, rows: Tensor, norms: Tensor, selected: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    @staticmethod
+    def _chan_weights(seen: tuple[int, int], batch: BatchIndex) -> tuple[list[float], list[float]]:
+        """Per modality ``n / (c + n)`` (the mean's step) and ``c n / (c + n)`` (the cross term of
+        Chan's merge) for ``c`` rows seen and ``n`` new ones."""
+        steps, cross = [], []
+        for c, n in zip(seen, batch.counts):
+            total = c + n
+            steps.append(n / total if total else 0.0)
+            cross.append(c * n / total if total else 0.0)
+        return steps, cross
+
+    def _moments_update(self, views: LayerViews, rows: Tensor, batch: BatchIndex, seen: tuple[int, int]) -> None:
+        """Co-moments of both modalities: centred batch products (one GEMM each) and Chan's
+        merge, as :func:`~mir_lightning.summaries.moments_update` does for one. Centres
+        ``rows`` in place."""
+        batch_means = torch.mm(batch.mean_weights, rows)  # [2, D]
+        rows.addmm_(batch.membership, batch_means, alpha=-1.0)  # each row minus its modality's batch mean
+        for m2, part, n in zip(views.m2s, rows.split(batch.counts), batch.counts):
+            if n:
+                m2.addmm_(part.mT, part)
+        steps, cross = self._chan_weights(seen, batch)
+        delta = batch_means - views.mean
+        for m2, d, alpha in zip(views.m2s, delta.unbind(0), cross):
+            if alpha:
+                m2.addr_(d, d, alpha=alpha)
+        torch._foreach_lerp_(views.means, list(batch_means.unbind(0)), steps)
+
+    def _norm_moments_update(self, views: LayerViews, norms: Tensor, batch: BatchIndex, seen: tuple[int, int]) -> None:
+        """Count, mean and M2 of the token norms (float64 ``[n]``), both modalities at once."""
+        batch_means = torch.mv(batch.mean_weights64, norms)  # [2]
+        centred = torch.addmv(norms, batch.membership64, batch_means, alpha=-1.0)
+        steps, cross = self._chan_weights(seen, batch)
+        delta = list((batch_means - views.norm_mean).unbind(0))
+        views.norm_m2.addmv_(batch.member_rows64, centred * centred)  # + centred sums of squares
+        torch._foreach_addcmul_(views.norm_m2s, delta, delta, cross)
+        torch._foreach_add_(views.norm_means, torch._foreach_mul(delta, steps))
+
+    def _tails_update(self, views: LayerViews, rows: Tensor, norms: Tensor, batch: BatchIndex) -> None:
+        """The four tails of the layer (2 modalities x 2 ends) in one top-k, as
+        :func:`~mir_lightning.summaries.tails_update` does for one, with no host sync.
+
+        Norms are turned into keys (``-norm`` at the low end) so every tail keeps its largest
+        keys. Candidates per tail: its ``K`` kept keys, then the new rows' keys (padded with
+        ``-inf`` keys to the larger modality's count); a top-``K+1`` gives the new kept set and
+        the most extreme key not kept. Freed slots take the entering rows in order; with fixed
+        shapes (accelerators) every new row is written, the ones not entering into the scratch
+        slot ``K``; otherwise only the entering rows are copied."""
+        K = self.max_outliers
+        pool = torch.cat([views.tail_norms, norms, batch.pad_norms])
+        candidates = pool.take(batch.tail_candidates)  # [4, K + N]
+        top = candidates.mul_(batch.end_sign).topk(K + 1, dim=1)  # on keys: the low end negated
+        dropped = views.tail_dropped
+        torch.mul(torch.maximum(dropped * batch.end_sign_flat, top.values[:, K]), batch.end_sign_flat, out=dropped)
+        stays = torch.zeros(candidates.shape, dtype=torch.bool, device=candidates.device)
+        stays.scatter_(1, top.indices[:, :K], True)
+        kept_slots, entering = stays.split([K, stays.shape[1] - K], dim=1)
+        freed_first = torch.sort(kept_slots, dim=1, stable=True).indices  # freed slots, ascending, then kept ones
+        rank = entering.cumsum(1).mul_(entering)  # 1, 2, ... for the entering rows of a tail, 0 for the others
+        slot = torch.cat([batch.scratch_slot, freed_first], 1).gather(1, rank)  # [4, N]: slot K for rank 0
+        slot = slot.add_(batch.tail_offsets).view(-1)
+        sources, values = batch.tail_rows, batch.tail_new_candidates  # padding: row 0 with an empty slot's norm
+        if not summaries.fixed_shapes(rows.device):  # only the entering rows
+            pick = rank.view(-1).nonzero().squeeze(1)
+            slot, sources, values = slot.index_select(0, pick), sources.index_select(0, pick), values.index_select(0, pick)
+        views.tail_rows.index_copy_(0, slot, rows.index_select(0, sources))
+        views.tail_norms.index_copy_(0, slot, pool.index_select(0, values))
+
+    def _sketch_rows(self, k: int, views: LayerViews, selected: Tensor, norms: Tensor, batch: BatchIndex,
+                     seen: tuple[int, int]) -> None:
+        """Add the rows to the value sketch and their norms to the norm sketch of both modalities:
+        one copy per sketch while both fit their exact buffers, else per modality."""
+        for sketch, x in (("med", selected), ("nrm", norms)):
+            _, capacity, bins = self._sketch_size(sketch)
+            if all(c + n <= capacity for c, n in zip(seen, batch.counts)):
+                rows_view, base = (views.med_rows, batch.med_slots) if sketch == "med" else (views.nrm_rows, batch.nrm_slots)
+                slots = torch.add(base, batch.modality, alpha=seen[1] - seen[0]).add_(seen[0])
+                rows_view.index_copy_(0, slots, x.to(rows_view.dtype))
+                continue
+            if sketch == "nrm":
+                x = x[:, None]  # [n, 1]: one column
+            grid = views.histograms.get(sketch)
+            if grid is not None and all(c > capacity for c in seen):  # both on their histograms already
+                hist, centre, scale = grid
+                offsets = batch.med_bin_offsets if sketch == "med" else batch.nrm_bin_offsets
+                ones = batch.med_ones if sketch == "med" else batch.nrm_ones
+                histogram_add_by_group(hist, centre, scale, x, batch.modality, offsets, bins, ones)
+                continue
+            for i, (part, c) in enumerate(zip(x.split(batch.counts), seen)):
+                if part.shape[0]:
+                    self._sketch_add(i, sketch, k, c, part)
+
+    def _drop_nonfinite(self, k: int, rows: Tensor, norms: Tensor, selected: Tensor, batch: BatchIndex
+                        ) -> tuple[Tensor, Tensor, Tensor, BatchIndex]:
         """nan_strategy="skip": drop and count rows holding non-finite values (host syncs)."""
         finite = torch.isfinite(norms)
         if not bool(finite.all()):
             finite[~finite] = torch.isfinite(rows[~finite]).all(dim=1)  # (or the norm overflowed)
         if bool(finite.all()):
-            return rows, norms, selected
-        getattr(self, f"{m}_nonfinite")[k] += int((~finite).sum())
-        return rows[finite], norms[finite], selected[finite]
+            return rows, norms, selected, batch
+        keep = []
+        for i, part in enumerate(finite.split(batch.counts)):
+            self.nonfinite[k, i] += int((~part).sum())
+            keep.append(part)
+        positions = [p[f] for p, f in zip(batch.positions.split(batch.counts), keep)]
+        return rows[finite], norms[finite], selected[finite], BatchIndex.build(positions, self)
 
-    def _sketch_add(self, m: str, sketch: str, k: int, seen: int, x: Tensor) -> None:
-        """Add rows ``x [n, C]`` to a median sketch that has seen ``seen`` rows."""
+    def _sketch_state(self, i: int, sketch: str) -> SketchState:
+        state = self.modality_state(MODALITIES[i])
+        if sketch == "med":
+            return state.values
+        return state.norms
+
+    def _sketch_add(self, i: int, sketch: str, k: int, seen: int, x: Tensor) -> None:
+        """Add rows ``x [n, C]`` to modality ``i``'s median sketch of layer ``k``, which has seen
+        ``seen`` rows."""
         _, capacity, _ = self._sketch_size(sketch)
-        buffer = getattr(self, f"{m}_{sketch}_rows")[k]
+        state = self._sketch_state(i, sketch)
+        buffer = state.rows[k]
         n = x.shape[0]
         if seen + n <= capacity:
             buffer[seen : seen + n] = x.to(buffer.dtype)
             return
-        hist = self._histogram(m, sketch)[k]
-        centre, scale = getattr(self, f"{m}_{sketch}_centre")[k], getattr(self, f"{m}_{sketch}_scale")[k]
+        hist = self._histogram(sketch)[k, :, i]
+        centre, scale = state.centre[k], state.scale[k]
         if seen <= capacity:  # switch from exact rows to the histogram now
             sample = torch.cat([buffer[:seen].to(x.dtype), x])
             new_centre, new_scale = histogram_grid(sample)
@@ -443,17 +605,18 @@ class ModalityIntegrationRate(Metric):
         else:
             histogram_add(hist, centre, scale, x)
 
-    def _sketch_merge(self, m: str, sketch: str, k: int, seen: int, other: MedianSketch) -> None:
+    def _sketch_merge(self, i: int, sketch: str, k: int, seen: int, other: MedianSketch) -> None:
         """Add another sketch of the same size (exact rows or one histogram) to this one."""
         if other.rows.shape[0]:
-            self._sketch_add(m, sketch, k, seen, other.rows)
+            self._sketch_add(i, sketch, k, seen, other.rows)
             seen += other.rows.shape[0]
         for counts, other_centre, other_scale in other.histograms:
             _, capacity, _ = self._sketch_size(sketch)
-            hist = self._histogram(m, sketch)[k]
-            centre, scale = getattr(self, f"{m}_{sketch}_centre")[k], getattr(self, f"{m}_{sketch}_scale")[k]
+            state = self._sketch_state(i, sketch)
+            hist = self._histogram(sketch)[k, :, i]
+            centre, scale = state.centre[k], state.scale[k]
             if seen <= capacity:  # still exact here: bin the exact rows on a grid from them (or the other's)
-                rows = getattr(self, f"{m}_{sketch}_rows")[k][:seen]
+                rows = state.rows[k][:seen]
                 new_centre, new_scale = histogram_grid(rows) if seen else (other_centre, other_scale)
                 centre.copy_(new_centre)
                 scale.copy_(new_scale)
@@ -474,42 +637,77 @@ class ModalityIntegrationRate(Metric):
     def unsync(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102
         """No-op (see :meth:`sync`)."""
 
+    def _forget_views(self) -> None:
+        """Drop the cached index tensors and state views (they would keep old state alive)."""
+        self._batch_cache = None
+        self._views_cache = None
+
     def reset(self) -> None:
         """Drop all accumulated state (big states go back to empty placeholders)."""
         super().reset()
         self._results = None
         self._seen = [[0] * self.num_layers for _ in MODALITIES]
-        self._mask_cache = None
-        self._bad_inputs = {}
+        self._forget_views()
+        self._input_errors = InputErrorCounts()
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "ModalityIntegrationRate":
+        self._forget_views()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        legacy = {key[len(prefix):]: state_dict.pop(key) for key in list(state_dict)
+                  if key.startswith(prefix) and key[len(prefix):].partition("_")[0] in MODALITIES}
+        if legacy:
+            state_dict.update({prefix + name: value for name, value in self._from_legacy(legacy).items()})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._seen = None
         self._results = None
+        self._forget_views()
+
+    def _from_legacy(self, legacy: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The stacked state of a per-modality state of earlier versions (``vision_m2`` ...)."""
+        if not legacy["vision_count"].numel():
+            return {name: torch.zeros(0, dtype=spec.dtype) for name, spec in self._layout().items()} | {
+                f"{s}_hist": torch.zeros(0, dtype=torch.int32) for s in SKETCHES}
+        out: dict[str, Tensor] = {}
+        for name in self._layout():
+            if not name.startswith("tail_"):
+                out[name] = torch.stack([legacy[f"{m}_{name}"] for m in MODALITIES], 1)
+        for sketch in SKETCHES:
+            parts = [legacy.get(f"{m}_{sketch}_hist") for m in MODALITIES]
+            if all(p is not None and p.numel() for p in parts):
+                out[f"{sketch}_hist"] = torch.stack(parts, 2)
+            elif any(p is not None and p.numel() for p in parts):
+                shape = next(p for p in parts if p is not None and p.numel()).shape
+                out[f"{sketch}_hist"] = torch.stack([p if p is not None and p.numel() else torch.zeros(shape, dtype=torch.int32)
+                                                     for p in parts], 2)
+            else:
+                out[f"{sketch}_hist"] = torch.zeros(0, dtype=torch.int32)
+        K, L, Dm = self.max_outliers, self.num_layers, self.hidden_size
+        rows = torch.empty(L, 2, 2, K + 1, Dm, dtype=legacy["vision_top_rows"].dtype)
+        norms = torch.empty(L, 2, 2, K + 1, dtype=legacy["vision_top_norms"].dtype)
+        norms[:, :, 0], norms[:, :, 1] = -math.inf, math.inf
+        dropped = torch.empty(L, 2, 2, dtype=norms.dtype)
+        for i, m in enumerate(MODALITIES):
+            for e, end in enumerate(("top", "bottom")):
+                kept = legacy[f"{m}_{end}_norms"].shape[1]
+                if kept > K:
+                    raise ValueError(f"the state keeps {kept} rows at the {end}-norm end, this metric max_outliers={K}")
+                rows[:, i, e, :kept] = legacy[f"{m}_{end}_rows"]
+                norms[:, i, e, :kept] = legacy[f"{m}_{end}_norms"]
+                dropped[:, i, e] = legacy[f"{m}_{end}_dropped"]
+        out.update(tail_rows=rows, tail_norms=norms, tail_dropped=dropped)
+        return out
 
     # ------------------------------------------------------------------ summaries and merging
     def _summary(self, m: str, k: int, state: Mapping[str, Tensor] | None = None) -> ModalitySummary:
         """The summary of modality ``m`` in layer ``k``: views into this metric's state, or into
         ``state`` (another metric's ``metric_state``)."""
+        i = MODALITIES.index(m)
         if state is None:
-            get = lambda name: getattr(self, f"{m}_{name}")  # noqa: E731
-            count = self._host_seen()[MODALITIES.index(m)][k]
-        else:
-            get = lambda name: state[f"{m}_{name}"]  # noqa: E731
-            count = int(get("count")[k])
-
-        def sketch(name: str) -> MedianSketch:
-            rows = get(f"{name}_rows")[k]
-            if count <= rows.shape[0]:
-                return MedianSketch(rows[:count])
-            return MedianSketch(rows[:0], [(get(f"{name}_hist")[k], get(f"{name}_centre")[k], get(f"{name}_scale")[k])])
-
-        return ModalitySummary(
-            count=count, mean=get("mean")[k], m2=get("m2")[k], norm_mean=get("norm_mean")[k], norm_m2=get("norm_m2")[k],
-            high=Tail(get("top_rows")[k], get("top_norms")[k], get("top_dropped")[k], largest=True),
-            low=Tail(get("bottom_rows")[k], get("bottom_norms")[k], get("bottom_dropped")[k], largest=False),
-            values=sketch("med"), norms=sketch("nrm"), nonfinite=int(get("nonfinite")[k]),
-        )
+            return self.modality_state(m).summary(k, self._host_seen()[i][k])
+        view = ModalityState.view(state, i)
+        return view.summary(k, int(view.count[k]))
 
     def merge_state(self, incoming_state: "ModalityIntegrationRate | dict[str, Tensor]") -> None:
         """Fold another metric's state (or its ``metric_state`` dict) into this one: the result
@@ -522,18 +720,18 @@ class ModalityIntegrationRate(Metric):
             state = incoming_state.metric_state
         elif isinstance(incoming_state, dict):
             state = incoming_state
+            if "vision_count" in state:
+                state = self._from_legacy(state)
         else:
             raise ValueError(f"expected a ModalityIntegrationRate or its metric_state dict, got {type(incoming_state).__name__}")
-        if not state["vision_count"].numel():
+        if not state["count"].numel():
             return  # the other metric never saw a token
         self._ensure_allocated()
-        for name in self._layout("vision"):
-            suffix = name[len("vision_"):]
-            for m in MODALITIES:
-                mine, theirs = getattr(self, f"{m}_{suffix}"), state[f"{m}_{suffix}"]
-                if mine.shape != theirs.shape:
-                    raise ValueError(f"cannot merge a metric with {m}_{suffix} of shape {tuple(theirs.shape)} "
-                                     f"into one of shape {tuple(mine.shape)}: construct both with the same sizes")
+        for name in self._layout():
+            mine, theirs = getattr(self, name), state[name]
+            if mine.shape != theirs.shape:
+                raise ValueError(f"cannot merge a metric with {name} of shape {tuple(theirs.shape)} "
+                                 f"into one of shape {tuple(mine.shape)}: construct both with the same sizes")
         self._results = None
         seen = self._host_seen()
         for i, m in enumerate(MODALITIES):
@@ -550,14 +748,14 @@ class ModalityIntegrationRate(Metric):
                     tails_update(tail.rows, tail.norms, tail.dropped, other_tail.rows[kept], other_tail.norms[kept], tail.largest)
                     extreme = torch.maximum if tail.largest else torch.minimum
                     tail.dropped.copy_(extreme(tail.dropped, other_tail.dropped.to(tail.dropped.dtype)))
-                self._sketch_merge(m, "med", k, here.count, other.values)
-                self._sketch_merge(m, "nrm", k, here.count, other.norms)
+                self._sketch_merge(i, "med", k, here.count, other.values)
+                self._sketch_merge(i, "nrm", k, here.count, other.norms)
                 here.mean.copy_(mean)
                 here.m2.copy_(m2)
                 here.norm_mean.copy_(norm_mean)
                 here.norm_m2.copy_(norm_m2)
-                getattr(self, f"{m}_count")[k] = count
-                getattr(self, f"{m}_nonfinite")[k] += other.nonfinite
+                self.count[k, i] = count
+                self.nonfinite[k, i] += other.nonfinite
                 seen[i][k] = count
 
     # ------------------------------------------------------------------ compute
@@ -598,28 +796,25 @@ class ModalityIntegrationRate(Metric):
         return results
 
     def _warn(self, results: list[LayerResult], total: float) -> None:
-        """Warnings about this computation's caveats (every computation warns again)."""
-        emitted: set[str] = set()
-
-        def warn(key: str, message: str) -> None:
-            if key not in emitted:
-                emitted.add(key)
-                warnings.warn(message, RuntimeWarning, stacklevel=5)
-
+        """Warnings about this computation's caveats, each once per process and cause (see
+        :func:`~mir_lightning._warnings.warn_once`); layers are named by ``layer_ids``."""
+        ids = self.layer_ids
         for k, r in enumerate(results):
             if r.degenerate:
-                warn(f"few-{k}", f"layer {k}: fewer than 2 vision ({r.n_vision}) or text ({r.n_text}) tokens; its FD is NaN")
+                warn_once(("few tokens", ids[k], r.n_vision < 2, r.n_text < 2),
+                          f"layer {ids[k]}: fewer than 2 vision ({r.n_vision}) or text ({r.n_text}) tokens; its FD is NaN",
+                          stacklevel=4)
             for m in MODALITIES:
                 for end in ("high", "low"):
                     if getattr(r, f"overflow_{end}_{m}"):
-                        capacity = self.max_outliers if end == "high" else self.bottom_capacity
-                        warn(f"overflow-{k}-{m}-{end}",
-                             f"layer {k}, {m}: more outlier tokens at the {end}-norm end than the {capacity} rows kept "
-                             f"there; only the kept ones are replaced by the median row ({getattr(r, f'outliers_{m}')} "
-                             "in all), the others count as they are (raise max_outliers for an exact result)")
+                        warn_once(("outlier overflow", ids[k], m, end, self.max_outliers),
+                                  f"layer {ids[k]}, {m}: more outlier tokens at the {end}-norm end than the "
+                                  f"{self.max_outliers} rows kept there; only the kept ones are replaced by the median "
+                                  f"row ({getattr(r, f'outliers_{m}')} in all), the others count as they are "
+                                  "(raise max_outliers for an exact result)", stacklevel=4)
         sketched = {
-            "median_buffer": [k for k, r in enumerate(results) if r.median_sketch_vision or r.median_sketch_text],
-            "norm_buffer": [k for k, r in enumerate(results) if r.norm_sketch_vision or r.norm_sketch_text],
+            "median_buffer": [ids[k] for k, r in enumerate(results) if r.median_sketch_vision or r.median_sketch_text],
+            "norm_buffer": [ids[k] for k, r in enumerate(results) if r.norm_sketch_vision or r.norm_sketch_text],
         }
         what = {
             "median_buffer": "the per-dimension median row that replaces outliers is interpolated from a "
@@ -630,10 +825,12 @@ class ModalityIntegrationRate(Metric):
         }
         for buffer, layers in sketched.items():
             if layers:
-                warn(f"approx-{buffer}", f"more than {buffer}={getattr(self, buffer)} tokens of a modality in layer(s) "
-                     f"{layers}: {what[buffer]}; raise {buffer} for an exact result")
+                size = getattr(self, buffer)
+                warn_once(("sketched median", buffer, size, tuple(layers)),
+                          f"more than {buffer}={size} tokens of a modality in layer(s) {layers}: {what[buffer]}; "
+                          f"raise {buffer} for an exact result", stacklevel=4)
         if not total > 0 and not any(r.degenerate for r in results):
-            warn("nonpositive", f"the FD sum is {total}; MIR is NaN")
+            warn_once(("non-positive FD sum", tuple(ids)), f"the FD sum is {total}; MIR is NaN", stacklevel=4)
 
     def compute(self) -> Tensor:
         """MIR ``log10(sum_k FD_k)`` as a 0-dim float64 tensor (NaN, with a warning, when a
@@ -675,7 +872,8 @@ class ModalityIntegrationRate(Metric):
         stats = self.per_layer_stats() if val is None else val
         if not isinstance(stats, Mapping):
             raise TypeError(f"val must be per_layer_stats() (a mapping of per-layer values), got {type(stats).__name__}")
-        fig = per_layer_figure({key: torch.as_tensor(value).detach().cpu().tolist() for key, value in stats.items()})
+        fig = per_layer_figure({key: torch.as_tensor(value).detach().cpu().tolist() for key, value in stats.items()},
+                               layers=self.layer_ids)
         return fig, fig.axes
 
 

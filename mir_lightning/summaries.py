@@ -34,6 +34,7 @@ __all__ = [
     "column_order_statistics",
     "combined_lower_median",
     "histogram_add",
+    "histogram_add_by_group",
     "histogram_grid",
     "histogram_rebin",
     "moments_merge",
@@ -272,6 +273,40 @@ def histogram_add(hist: Tensor, centre: Tensor, scale: Tensor, x: Tensor) -> Non
         index = index_buffer[:, :m]
         index.copy_(pos)  # truncation = floor (pos >= 0)
         hist.scatter_add_(1, index, ones.expand(d, m))
+
+
+def histogram_add_by_group(
+    hist: Tensor, centre: Tensor, scale: Tensor, x: Tensor, group: Tensor, offsets: Tensor, bins: int,
+    ones: Tensor | None = None,
+) -> None:
+    """Count rows ``x [n, C]`` of ``G`` groups (the modalities) into ``hist [C, G * bins]`` in
+    place, each row on its group's grid (``centre``, ``scale`` ``[G, C]``; group ``g``'s bins at
+    ``g * bins``): the bins :func:`histogram_add` gives each group, in one pass for all.
+
+    ``group [n]``: each row's group; ``offsets [1, n]``: ``group * bins``; ``ones``: optionally
+    a ``[C, n]`` view of ones of ``hist``'s dtype (made here otherwise). Rows go through in
+    chunks as in :func:`histogram_add`, transposed to ``[C, rows]`` so that each column's counts
+    are added into one contiguous row of ``hist``.
+    """
+    n, columns = x.shape
+    if not n:
+        return
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    centre, inverse = centre.to(dtype), scale.reciprocal().to(dtype)
+    rows = min(n, _chunk_rows(columns, x.device))
+    for start in range(0, n, rows):
+        chunk, ids, shift = x, group, offsets
+        if rows < n:
+            chunk, ids, shift = x[start : start + rows], group[start : start + rows], offsets[:, start : start + rows]
+        m = chunk.shape[0]
+        # into [C, rows] buffers: the columns' values, then their bin indices, lie contiguous (3x faster on CPU)
+        buffers = (torch.empty(columns, m, dtype=dtype, device=x.device), torch.empty(columns, m, dtype=dtype, device=x.device))
+        pos = _bin_position(chunk.mT.to(dtype), centre.index_select(0, ids).mT, inverse.index_select(0, ids).mT, bins,
+                            offset=1.0, buffers=buffers).clamp_(0, bins - 1)
+        index = pos.to(torch.long).add_(shift)  # truncation = floor (pos >= 0)
+        if ones is None or rows < n:
+            ones = torch.ones((), dtype=hist.dtype, device=hist.device).expand_as(index)
+        hist.scatter_add_(1, index, ones)
 
 
 def _histogram_cdf(cum: Tensor, centre: Tensor, inverse_scale: Tensor, v: Tensor) -> Tensor:
