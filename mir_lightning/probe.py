@@ -115,6 +115,17 @@ def _length(loader: Iterable) -> int | None:
         return None
 
 
+def _loader_failure(err: Exception, batches_read: int) -> str:
+    """Why the probe loader stopped, with the usual cause of an ``IndexError``."""
+    message = f"the probe loader failed after {batches_read} batches ({type(err).__name__}: {err})"
+    if isinstance(err, IndexError):
+        message += (
+            "; a probe of more samples than its dataset holds does this, e.g. Subset(dataset, range(100)) on "
+            "fewer than 100 samples: use range(min(100, len(dataset)))"
+        )
+    return message
+
+
 class MIRProbe:
     """MIR of a model on a fixed probe set, callable from any training loop.
 
@@ -251,7 +262,7 @@ class MIRProbe:
                     except Exception as err:  # go on without capture: keep the forward count of the others
                         measurement.fail(err)
         except Exception as err:  # the loader itself failed
-            measurement.fail(err)
+            measurement.fail(_loader_failure(err, forwards))
         finally:
             measurement.detach()
             _restore_modes(modes)
