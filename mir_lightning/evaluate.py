@@ -11,10 +11,14 @@ adapter uses): forward hooks on the LLM's layers (equal to ``hidden_states[1:]``
 ``torchrun`` batches dealt round-robin to the ranks (each sample once) with the same number
 of forwards on every rank: a rank short of a batch runs a padding batch whose tokens are not
 counted (sharded engines such as FSDP or ZeRO-3 gather parameters in every forward and hang
-when ranks disagree). Images are decoded per batch, on the rank that runs it
-(:class:`ProbeBatches`): memory does not grow with the number of samples.
+when ranks disagree). The probe loader is :func:`~mir_lightning.paper_probe` (the same
+loader any adapter can use): images are decoded per batch, on the rank that runs it, so
+memory does not grow with the number of samples.
 
-Problems with the input raise :class:`~mir_lightning.probe_data.InputError`.
+Steps: :func:`read_checkpoint` (config, image token, processor), :func:`paper_probe`,
+:func:`load_model`, :func:`parse_layers`, MoCa when asked, then :class:`MIRProbe`.
+Problems with the input raise :class:`~mir_lightning.probe_data.InputError`, worded with the
+keyword names of :func:`evaluate_checkpoint` (the command line words them as its flags).
 """
 
 from __future__ import annotations
@@ -36,9 +40,9 @@ from mir_lightning.probe import MIRProbe, MIRResult
 from mir_lightning.probe_data import InputError, ProbeBatches, ProbeSet, paper_probe
 
 __all__ = [
-    "COUNT_KEYS", "DTYPES", "EvaluationResult", "InputError", "ProbeBatches", "attach_moca", "evaluate_checkpoint",
-    "parse_layers",
-    "resolve_device",
+    "COUNT_KEYS", "DTYPES", "Checkpoint", "EvaluationResult", "InputError", "ProbeBatches", "attach_moca",
+    "evaluate_checkpoint", "llm_dimensions", "load_model", "load_model_and_processor", "parse_layers",
+    "read_checkpoint", "resolve_device",
 ]
 
 DTYPES = ("float32", "float16", "bfloat16")
