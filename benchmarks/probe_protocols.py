@@ -55,8 +55,12 @@ def paper_protocol_probe(parts: lvlm.Parts, batch_size: int) -> list[dict[str, t
     return batches
 
 
-def measure(model: torch.nn.Module, loaders: dict[str, object]) -> dict[str, float]:
-    return {name: MIRProbe(loader, median_buffer=4096).run(model).mir for name, loader in loaders.items()}
+def measure(model: torch.nn.Module, loaders: dict[str, object], when: str) -> dict[str, float]:
+    values = {}
+    for name, loader in loaders.items():
+        values[name] = MIRProbe(loader, median_buffer=4096).run(model).mir
+        print(f"[probe] {when}, {name}: MIR {values[name]:.4f}", flush=True)
+    return values
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -66,11 +70,12 @@ def main(argv: list[str] | None = None) -> dict:
     parts = lvlm.load_parts(args.tiny, args.n_train, args.n_val, args.seed, args.cache_dir, args.image_size)
     loaders = {"training samples": training_probe(parts, 25), "paper protocol": paper_protocol_probe(parts, 25)}
     torch.manual_seed(args.seed)
-    before = measure(parts.model(projector=args.projector).eval(), loaders)
+    before = measure(parts.model(projector=args.projector).eval(), loaders, "step 0")
     run = pretrain_lvlm.main(argv)
-    after = measure(run.module.model.eval(), loaders)
+    last = f"step {run.rows[-1]['step']}"
+    after = measure(run.module.model.eval(), loaders, last)
     result = {"command": "python benchmarks/probe_protocols.py " + " ".join(argv), "parts": parts.description,
-              "step 0": before, f"step {run.rows[-1]['step']}": after}
+              "step 0": before, last: after}
     print(json.dumps(result, indent=2))
     return result
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import glob
 import json
 import struct
+import time
 
 import pytest
 
@@ -160,6 +161,14 @@ def _record_kinds(run_file: str) -> list[str]:
     return kinds
 
 
+def _finished(run_file: str) -> bool:
+    """True once the run file holds its exit record (False while a record is half written)."""
+    try:
+        return "exit" in _record_kinds(run_file)
+    except Exception:  # noqa: BLE001 - a truncated last record does not parse yet
+        return False
+
+
 def test_wandb_offline_run_file_holds_mir_and_per_layer_values(monkeypatch, reference, tmp_path):
     pytest.importorskip("wandb")
     import wandb
@@ -174,6 +183,11 @@ def test_wandb_offline_run_file_holds_mir_and_per_layer_values(monkeypatch, refe
         wandb.finish()
     run_files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(run_files) == 1
+    # wandb's service writes the run file after finish() returns: read it once its exit record is in
+    deadline = time.monotonic() + 120
+    while not _finished(run_files[0]):
+        assert time.monotonic() < deadline, "the W&B run file got no exit record within 120 s"
+        time.sleep(0.5)
     history = _wandb_history(run_files[0])
     assert set(reference) <= set(history), _record_kinds(run_files[0])
     _assert_history(history, reference, reference)
