@@ -329,8 +329,11 @@ def _load_gguf(folder: Path, file: str) -> tuple[nn.Module, HFTokenizer]:
     """A GGUF causal LM de-quantised to fp32 by transformers (eval mode) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    llm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    from mir_lightning._progress import dependency_progress, on_terminal
+
+    with dependency_progress(on_terminal()):  # no de-quantisation / loading bars in a log file
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        llm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     return llm.eval(), HFTokenizer(tok)
 
 

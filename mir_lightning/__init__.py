@@ -10,6 +10,8 @@ Public API:
 * :class:`MIRPlateau` -- the plateau rule itself (shared by every adapter).
 * :class:`MoCa` -- the paper's modality calibration, attached to an unmodified HF VLM.
 * :mod:`mir_lightning.adapters.hf_trainer` -- ``MIRTrainerCallback`` for the HF Trainer.
+* :func:`paper_probe` -- the paper's probe protocol (unrelated image + text samples, as
+  ``mir-lightning evaluate`` uses) as a loader for every adapter.
 * :func:`build_masks`, :func:`find_hidden_state_modules` -- vision/text masks from input
   ids, and the LLM's per-layer modules of a Hugging Face model.
 * :mod:`mir_lightning.functional` -- pure functions (``frechet_distance``,
@@ -40,6 +42,7 @@ _LAZY = {
     "MoCa": "mir_lightning.moca",
     "build_masks": "mir_lightning.models.transformers",
     "find_hidden_state_modules": "mir_lightning.models.transformers",
+    "paper_probe": "mir_lightning.probe_data",
 }
 
 __all__ = ["MIRPlateau", "ModalityIntegrationRate", "functional", *_LAZY]

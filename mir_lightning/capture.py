@@ -346,10 +346,32 @@ class MaskRule:
         found = masks_in_batch(batch)
         if found is not None:
             return found
+        if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), Tensor):
+            _refuse_spliced_layout(batch["input_ids"])
         if isinstance(batch, Mapping) and "input_ids" in batch and self.image_token_id is not None:
             return masks_from_batch(batch, self.image_token_id, text=self.text_tokens)
         raise ValueError(
             "cannot tell vision from text tokens in this batch: give the batch 'vision_mask' and 'text_mask' "
             "entries, or 'input_ids' with a model whose config has an image token id (or pass "
             "image_token_id=), or pass masks= (a function of the batch returning (vision_mask, text_mask))"
+        )
+
+
+def _refuse_spliced_layout(input_ids: Tensor) -> None:
+    """Negative ids are placeholders that ``forward`` replaces (the original LLaVA code's
+    ``-200``, one per image, becomes that image's features): the layers then see longer rows
+    than ``input_ids``, so no image token id can mark them. Raise the fix instead of masks of
+    the wrong shape.
+
+    Raises:
+        ValueError: when ``input_ids`` holds a negative id.
+    """
+    negative = input_ids[input_ids < 0]
+    if negative.numel():
+        raise ValueError(
+            f"input_ids hold the negative id {int(negative[0])}: the image placeholder of the original LLaVA "
+            "code (IMAGE_TOKEN_INDEX = -200), whose forward splices each image's features in its place, so the "
+            "layers see longer rows than input_ids and image_token_id= cannot mark them. Pass "
+            "masks=llava_mask_fn(tokens_per_image, max_length, padding_side) "
+            "(from mir_lightning.models.llava import llava_mask_fn): it repeats that splice on the ids"
         )

@@ -24,10 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from mir_lightning import _distributed as D
-from mir_lightning.evaluate import DTYPES, EvaluationResult, evaluate_checkpoint, parse_layers
-from mir_lightning.probe_data import InputError
+from mir_lightning import evaluate
+from mir_lightning._progress import on_terminal
+from mir_lightning.evaluate import DTYPES, EvaluationResult, evaluate_checkpoint
+from mir_lightning.metric import DEFAULT_MEDIAN_BUFFER
+from mir_lightning.probe_data import NO_VALUE, InputError
 
-__all__ = ["UserError", "build_parser", "format_table", "main", "parse_layers"]
+__all__ = ["UserError", "build_parser", "command_line_spelling", "format_table", "main", "parse_layers"]
 
 UserError = InputError
 """Alias kept for code that caught ``mir_lightning.cli.UserError``."""
@@ -49,6 +52,28 @@ STAT_COLUMNS = (
 
 # the metric's warnings name its constructor arguments; say which options set them here
 _OPTION_OF = {"max_outliers": "--max-outliers", "median_buffer": "--median-buffer"}
+
+
+def command_line_spelling(name: str, value: Any) -> str:
+    """An argument of :func:`~mir_lightning.evaluate.evaluate_checkpoint` as the command line
+    writes it (:meth:`InputError.worded`): ``model_dir`` is ``MODEL_DIR``, ``num_samples``
+    is ``--num-samples``; with a value, ``--num-samples 5``."""
+    if name == "max_state_bytes":  # the command line gives the budget in GiB
+        return "--max-state-gib" if value is NO_VALUE else f"--max-state-gib {value / 2**30:g}"
+    flag = "MODEL_DIR" if name == "model_dir" else "--" + name.replace("_", "-")
+    return flag if value is NO_VALUE else f"{flag} {value}"
+
+
+def parse_layers(spec: str | None, num_layers: int) -> list[int]:
+    """:func:`mir_lightning.evaluate.parse_layers` of ``--layers``, its errors naming the option.
+
+    Raises:
+        InputError: worded for the command line.
+    """
+    try:
+        return evaluate.parse_layers(spec, num_layers)
+    except InputError as exc:
+        raise InputError.plain(exc.worded(command_line_spelling)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         "raise it when a warning says more were found",
     )
     ev.add_argument(
-        "--median-buffer", type=int, default=512,
+        "--median-buffer", type=int, default=DEFAULT_MEDIAN_BUFFER,
         help="tokens per layer and modality whose per-dimension median is exact (default 512; beyond, a "
         "histogram interpolates it); raise it above the token count for an exact result (4 x hidden size "
         "bytes per token and layer)",
@@ -136,7 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--out", help="write the result as JSON to this path (its folder must exist)")
     ev.add_argument("--plot", help="write a per-layer plot (PNG) to this path (its folder must exist; needs matplotlib)")
-    ev.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    ev.add_argument(
+        "--no-progress", action="store_true",
+        help="no progress bars (the measurement's and transformers' weight loading); without a terminal "
+        "(stdout or stderr redirected) there are none either",
+    )
     return parser
 
 
@@ -160,10 +189,11 @@ def format_table(layers: Sequence[int], stats: dict[str, Sequence[float | int]])
     return "\n".join(lines)
 
 
-def _check_output_path(option: str, path: str | None) -> None:
+def _check_output_path(option: str, path: str | None) -> None:  # option: out, plot
     """Refuse an output path whose folder does not exist (nothing is created)."""
     if path is not None and not Path(path).resolve().parent.is_dir():
-        raise InputError(f"{option} {path}: the folder {Path(path).parent} does not exist; create it first")
+        raise InputError("{" + option + "=path}: the folder {folder} does not exist; create it first", path=path,
+                         folder=Path(path).parent)
 
 
 def write_plot(path: str, result: EvaluationResult) -> None:
@@ -237,24 +267,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
     try:
-        _check_output_path("--out", args.out)
-        _check_output_path("--plot", args.plot)
+        _check_output_path("out", args.out)
+        _check_output_path("plot", args.plot)
         if args.plot:
             if importlib.util.find_spec("matplotlib") is None:
-                raise InputError("--plot needs matplotlib: pip install matplotlib")
+                raise InputError("{plot} needs matplotlib: pip install matplotlib")
         with _warnings_as_lines():
             result = evaluate_checkpoint(
                 args.model_dir, images=args.images, texts=args.texts, num_samples=args.num_samples,
                 batch_size=args.batch_size, device=args.device, dtype=args.dtype, sqrt_mode=args.sqrt_mode,
                 layers=args.layers, text_tokens=args.text_tokens, outlier_sigma=args.outlier_sigma,
-                max_outliers=args.max_outliers, median_buffer=args.median_buffer, progress=not args.no_progress,
+                max_outliers=args.max_outliers, median_buffer=args.median_buffer,
+                progress=not args.no_progress and on_terminal(),
                 moca=args.moca,
                 max_state_bytes=None if args.max_state_gib is None else int(args.max_state_gib * 2**30),
             )
         if _rank() == 0:
             report(result, args.out, args.plot)
     except InputError as exc:
-        print(f"mir-lightning: error: {exc}", file=sys.stderr, flush=True)
+        print(f"mir-lightning: error: {exc.worded(command_line_spelling)}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("mir-lightning: interrupted", file=sys.stderr)

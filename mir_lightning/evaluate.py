@@ -11,10 +11,14 @@ adapter uses): forward hooks on the LLM's layers (equal to ``hidden_states[1:]``
 ``torchrun`` batches dealt round-robin to the ranks (each sample once) with the same number
 of forwards on every rank: a rank short of a batch runs a padding batch whose tokens are not
 counted (sharded engines such as FSDP or ZeRO-3 gather parameters in every forward and hang
-when ranks disagree). Images are decoded per batch, on the rank that runs it
-(:class:`ProbeBatches`): memory does not grow with the number of samples.
+when ranks disagree). The probe loader is :func:`~mir_lightning.paper_probe` (the same
+loader any adapter can use): images are decoded per batch, on the rank that runs it, so
+memory does not grow with the number of samples.
 
-Problems with the input raise :class:`~mir_lightning.probe_data.InputError`.
+Steps: :func:`read_checkpoint` (config, image token, processor), :func:`paper_probe`,
+:func:`load_model`, :func:`parse_layers`, MoCa when asked, then :class:`MIRProbe`.
+Problems with the input raise :class:`~mir_lightning.probe_data.InputError`, worded with the
+keyword names of :func:`evaluate_checkpoint` (the command line words them as its flags).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,14 +36,16 @@ from typing import Any, Literal
 import torch
 
 from mir_lightning import _distributed as D
+from mir_lightning._progress import dependency_progress
 from mir_lightning.measurement import FailureKind, MIRResult
+from mir_lightning.metric import DEFAULT_MEDIAN_BUFFER
 from mir_lightning.probe import MIRProbe, StateBudgetError
-from mir_lightning.probe_data import InputError, ProbeSet, probe_set
+from mir_lightning.probe_data import InputError, ProbeBatches, ProbeSet, paper_probe
 
 __all__ = [
-    "COUNT_KEYS", "DTYPES", "EvaluationResult", "InputError", "ProbeBatches", "attach_moca", "evaluate_checkpoint",
-    "parse_layers",
-    "resolve_device",
+    "COUNT_KEYS", "DTYPES", "Checkpoint", "EvaluationResult", "InputError", "ProbeBatches", "attach_moca",
+    "evaluate_checkpoint", "llm_dimensions", "load_model", "load_model_and_processor", "parse_layers",
+    "read_checkpoint", "resolve_device",
 ]
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -83,6 +89,24 @@ class EvaluationResult:
     skipped_images: list[str] = field(default_factory=list)
     skipped_texts: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_measurement(
+        cls, measured: MIRResult, *, samples: ProbeSet, layers: list[int], **model_and_run: Any
+    ) -> EvaluationResult:
+        """The result of the probe run ``measured`` over ``samples`` on ``layers``;
+        ``model_and_run``: the other fields (``model_class``, ``model_layers``, ``hidden_size``,
+        ``image_token_id``, ``device``, ``world_size``, ``seconds``, ``settings``)."""
+        per_layer = {
+            key: [int(x) for x in values.tolist()] if key in COUNT_KEYS else [float(x) for x in values.tolist()]
+            for key, values in measured.stats.items()
+        }
+        return cls(
+            mir=measured.mir, layers=layers, per_layer=per_layer, num_samples=len(samples),
+            vision_tokens=int(per_layer["n_vision"][0]), text_tokens=int(per_layer["n_text"][0]),
+            image_source=samples.image_source, text_source=samples.text_source,
+            skipped_images=list(samples.skipped_images), skipped_texts=list(samples.skipped_texts), **model_and_run,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON layout of ``--out`` (non-finite floats become ``null``)."""
@@ -161,19 +185,21 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int]:
                 idx = int(part)
                 if not -num_layers <= idx < num_layers:
                     raise InputError(
-                        f"--layers: index {idx} is out of range; the model has {num_layers} layers "
-                        f"(valid: 0..{num_layers - 1}, or negative from the end)"
+                        "{layers}: index {index} is out of range; the model has {count} layers (valid: "
+                        "0..{last}, or negative from the end)",
+                        index=idx, count=num_layers, last=num_layers - 1,
                     )
                 chosen.add(idx % num_layers)
         except InputError:
             raise
         except ValueError as exc:
             raise InputError(
-                f"--layers: cannot parse {part!r}; use comma-separated indices and slices, "
-                "e.g. '0,1,5', '::2', '4:12', '-1'"
+                "{layers}: cannot parse {part!r}; use comma-separated indices and slices, e.g. '0,1,5', '::2', "
+                "'4:12', '-1'",
+                part=part,
             ) from exc
     if not chosen:
-        raise InputError(f"--layers {spec!r} selects no layer of the {num_layers} layers")
+        raise InputError("{layers=spec} selects no layer of the {count} layers", spec=spec, count=num_layers)
     return sorted(chosen)
 
 
@@ -189,16 +215,20 @@ def resolve_device(spec: str | None, local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(spec)
     except (RuntimeError, TypeError) as exc:
-        raise InputError(f"--device must be cpu, cuda or cuda:N, got {spec!r}") from exc
+        raise InputError("{device} must be cpu, cuda or cuda:N, got {spec!r}", spec=spec) from exc
     if device.type == "cpu":
         return torch.device("cpu")
     if device.type != "cuda":
-        raise InputError(f"--device must be cpu, cuda or cuda:N, got {spec!r}")
+        raise InputError("{device} must be cpu, cuda or cuda:N, got {spec!r}", spec=spec)
     if not torch.cuda.is_available():
-        raise InputError(f"--device {spec}: no CUDA device is available (torch.cuda.is_available() is False); use --device cpu")
+        raise InputError(
+            "{device=spec}: no CUDA device is available (torch.cuda.is_available() is False); use {device=cpu}",
+            spec=spec, cpu="cpu",
+        )
     index = local_rank if device.index is None else device.index
     if index >= torch.cuda.device_count():
-        raise InputError(f"--device {spec}: CUDA device {index} does not exist ({torch.cuda.device_count()} visible)")
+        raise InputError("{device=spec}: CUDA device {index} does not exist ({visible} visible)", spec=spec,
+                         index=index, visible=torch.cuda.device_count())
     return torch.device("cuda", index)
 
 
@@ -206,9 +236,9 @@ def resolve_device(spec: str | None, local_rank: int = 0) -> torch.device:
 def _check_model_dir(model_dir: str | os.PathLike) -> None:
     path = Path(model_dir)
     if not path.is_dir():
-        raise InputError(f"MODEL_DIR {model_dir} is not a folder")
+        raise InputError("{model_dir=path} is not a folder", path=str(model_dir))
     if not (path / "config.json").is_file():
-        raise InputError(f"MODEL_DIR {model_dir} has no config.json; save the model with save_pretrained()")
+        raise InputError("{model_dir=path} has no config.json; save the model with save_pretrained()", path=str(model_dir))
 
 
 def _resolve_model_class(config: Any, arch: str, model_dir: str) -> Any:
@@ -228,7 +258,7 @@ def _resolve_model_class(config: Any, arch: str, model_dir: str) -> Any:
             cls = getattr(transformers, name, None)
             if cls is not None and hasattr(cls, "from_pretrained"):
                 return cls
-    raise InputError(
+    raise InputError.plain(
         f"unsupported architecture {arch} (model_type {config.model_type!r}) in {model_dir}: "
         "AutoModelForImageTextToText does not know it and its config has no vision_config. "
         "Supported: vision-language models whose image features sit at image-token positions "
@@ -237,144 +267,102 @@ def _resolve_model_class(config: Any, arch: str, model_dir: str) -> Any:
     )
 
 
-def load_model_and_processor(model_dir: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any, int]:
-    """Processor and model of a local folder (``local_files_only=True``).
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder read up to its weights: the ``config``, its ``arch`` (for
+    messages), ``image_token_id``, the ``model_class`` that loads it and its ``processor``."""
 
-    Returns:
-        ``(model, processor, image_token_id)``; the model is in eval mode on ``device``.
+    model_dir: str
+    config: Any
+    arch: str
+    image_token_id: int
+    model_class: Any
+    processor: Any
+
+
+def read_checkpoint(model_dir: str | os.PathLike) -> Checkpoint:
+    """Config and processor of a local folder (``local_files_only=True``), weights not read.
 
     Raises:
-        InputError: unloadable config/processor/model, no image token, unsupported architecture.
+        InputError: not a folder, unreadable config or processor, no image token in the
+            config, an unsupported architecture, a processor that does not process images.
     """
     import transformers
 
     from mir_lightning.models.transformers import find_image_token_id
 
+    model_dir = str(model_dir)
     _check_model_dir(model_dir)
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise InputError(f"cannot read the model config in {model_dir}: {exc}") from exc
+        raise InputError.plain(f"cannot read the model config in {model_dir}: {exc}") from exc
     arch = ", ".join(getattr(config, "architectures", None) or [config.model_type])
     try:
         image_token_id = find_image_token_id(config)
     except ValueError as exc:
-        raise InputError(
+        raise InputError.plain(
             f"the model in {model_dir} ({arch}) has no image token in its config (image_token_id / "
             "image_token_index): it is not a vision-language model whose image features sit at "
             "image-token positions, so MIR cannot be measured on it"
         ) from exc
-    model_cls = _resolve_model_class(config, arch, model_dir)
+    model_class = _resolve_model_class(config, arch, model_dir)
     try:
         processor = transformers.AutoProcessor.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise InputError(f"cannot load the processor of {model_dir} ({arch}): {type(exc).__name__}: {exc}") from exc
+        raise InputError.plain(f"cannot load the processor of {model_dir} ({arch}): {type(exc).__name__}: {exc}") from exc
     if not callable(processor) or getattr(processor, "image_processor", None) is None:
         raise InputError(
-            f"the processor in {model_dir} ({type(processor).__name__}) does not process images; "
-            "save a multimodal processor there (processor.save_pretrained(MODEL_DIR))"
+            "the processor in {path} ({kind}) does not process images; save a multimodal processor there "
+            "(processor.save_pretrained({model_dir}))",
+            path=model_dir, kind=type(processor).__name__,
         )
+    return Checkpoint(model_dir, config, arch, int(image_token_id), model_class, processor)
+
+
+def load_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device) -> Any:
+    """The model of ``checkpoint`` in ``dtype``, in eval mode on ``device``.
+
+    Raises:
+        InputError: the weights cannot be loaded.
+    """
+    import transformers
+
     # transformers >= 4.56 names it ``dtype``; older versions ``torch_dtype``
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     try:
-        model = model_cls.from_pretrained(model_dir, local_files_only=True, **{dtype_kw: dtype})
+        model = checkpoint.model_class.from_pretrained(checkpoint.model_dir, local_files_only=True, **{dtype_kw: dtype})
     except Exception as exc:  # noqa: BLE001
-        raise InputError(f"cannot load the model in {model_dir} ({arch}): {type(exc).__name__}: {exc}") from exc
-    model.to(device).eval()
-    return model, processor, image_token_id
+        raise InputError.plain(
+            f"cannot load the model in {checkpoint.model_dir} ({checkpoint.arch}): {type(exc).__name__}: {exc}"
+        ) from exc
+    return model.to(device).eval()
 
 
-def build_prompt(processor: Any, text: str) -> str:
-    """One user turn with the image then ``text``: the chat template when the processor has one
-    (with the assistant prefix appended, as the official script does), else the image
-    placeholder followed by the text."""
-    template = getattr(processor, "chat_template", None) or getattr(
-        getattr(processor, "tokenizer", None), "chat_template", None
-    )
-    if template:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        try:
-            return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # noqa: BLE001
-            warnings.warn(f"chat template failed ({exc}); using an image placeholder + text", stacklevel=2)
-    placeholder = getattr(processor, "image_token", None) or "<image>"
-    return f"{placeholder}{text}"
+def load_model_and_processor(model_dir: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any, int]:
+    """Processor and model of a local folder (:func:`read_checkpoint`, :func:`load_model`).
 
-
-def encode_batch(processor: Any, samples: ProbeSet, indices: Sequence[int]) -> dict[str, Any]:
-    """Decode the images of ``indices`` and run the processor on them (padding on); returns
-    its outputs without ``labels``."""
-    images = [samples.image(i) for i in indices]
-    prompts = [build_prompt(processor, samples.texts[i]) for i in indices]
-    errors = []
-    for layout in ([[im] for im in images], images):  # nested (Idefics3/Gemma 3) first
-        try:
-            enc = processor(images=layout, text=prompts, padding=True, return_tensors="pt")
-            break
-        except Exception as exc:  # noqa: BLE001
-            errors.append(f"{type(exc).__name__}: {exc}")
-    else:
-        raise InputError(f"the processor failed on a batch: {' | '.join(errors)[:600]}")
-    enc = dict(enc)
-    enc.pop("labels", None)
-    return enc
-
-
-class _Batch(Mapping[str, Any]):
-    """The processor's output for one batch of samples, computed when first read: a rank
-    decodes only the images of the batches it runs (the probe skips the others unread)."""
-
-    def __init__(self, encode: Callable[[], dict[str, Any]]) -> None:
-        self._encode = encode
-        self._data: dict[str, Any] | None = None
-
-    def _get(self) -> dict[str, Any]:
-        if self._data is None:
-            self._data = self._encode()
-        return self._data
-
-    def __getitem__(self, key: str) -> Any:
-        return self._get()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._get())
-
-    def __len__(self) -> int:
-        return len(self._get())
-
-
-class ProbeBatches(Sequence[Mapping[str, Any]]):
-    """The probe loader of :func:`evaluate_checkpoint`: batch ``b`` holds samples
-    ``b * batch_size ...`` of ``samples``, encoded by ``processor`` when read (floating
-    tensors cast to ``dtype``). Holds no image: memory is flat in the number of samples.
-
-    Raises (when a batch is read):
-        InputError: the processor fails, or inserts no image token ``image_token_id``.
+    Returns:
+        ``(model, processor, image_token_id)``; the model is in eval mode on ``device``.
     """
+    checkpoint = read_checkpoint(model_dir)
+    return load_model(checkpoint, dtype, device), checkpoint.processor, checkpoint.image_token_id
 
-    def __init__(self, samples: ProbeSet, processor: Any, batch_size: int, dtype: torch.dtype, image_token_id: int) -> None:
-        self.samples, self.processor, self.batch_size = samples, processor, batch_size
-        self.dtype, self.image_token_id = dtype, image_token_id
 
-    def __len__(self) -> int:
-        return -(-len(self.samples) // self.batch_size)
+def llm_dimensions(model: Any) -> tuple[int, int]:
+    """``(num_layers, hidden_size)`` of the model's LLM (its text config).
 
-    def __getitem__(self, index: int) -> Mapping[str, Any]:  # type: ignore[override]
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        start = index * self.batch_size
-        indices = range(start, min(start + self.batch_size, len(self.samples)))
-        return _Batch(lambda: self._encode(indices))
-
-    def _encode(self, indices: Sequence[int]) -> dict[str, Any]:
-        enc = encode_batch(self.processor, self.samples, indices)
-        if not bool((enc["input_ids"] == self.image_token_id).any()):
-            raise InputError(
-                f"no image token (id {self.image_token_id}) in the processed batch: the processor does not "
-                "insert the model's image tokens"
-            )
-        return {k: v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in enc.items()}
+    Raises:
+        InputError: the text config has no ``num_hidden_layers`` / ``hidden_size``.
+    """
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    try:
+        return int(text_config.num_hidden_layers), int(text_config.hidden_size)
+    except (AttributeError, TypeError) as exc:
+        raise InputError.plain(
+            f"unsupported architecture {type(model).__name__}: its text config has no num_hidden_layers / hidden_size"
+        ) from exc
 
 
 def _forward(model: Any, batch: Mapping[str, Any]) -> Any:
@@ -382,7 +370,7 @@ def _forward(model: Any, batch: Mapping[str, Any]) -> Any:
     try:
         return model(**batch)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise InputError(
+        raise InputError.plain(
             f"the forward pass of {type(model).__name__} failed ({type(exc).__name__}: {str(exc)[:500]}); the "
             "processor and the model may not match, or the architecture is not supported"
         ) from exc
@@ -424,7 +412,7 @@ def evaluate_checkpoint(
     text_tokens: Literal["after_image", "all"] = "after_image",
     outlier_sigma: float | None = 3.0,
     max_outliers: int = 512,
-    median_buffer: int = 512,
+    median_buffer: int = DEFAULT_MEDIAN_BUFFER,
     progress: bool = True,
     moca: str | os.PathLike | None = None,
     max_state_bytes: int | None = None,
@@ -458,7 +446,8 @@ def evaluate_checkpoint(
     ``torchrun`` every rank must call it; all return the same result.
 
     Raises:
-        InputError: a problem with the inputs or the model (the message says what to change).
+        InputError: a problem with the inputs or the model (the message says what to change,
+            naming the arguments of this function).
     """
     from tqdm.auto import tqdm
 
@@ -468,81 +457,88 @@ def evaluate_checkpoint(
         max_outliers=max_outliers, median_buffer=median_buffer, moca=None if moca is None else str(moca),
         max_state_bytes=max_state_bytes,
     )
+    metric_options = dict(outlier_sigma=outlier_sigma, sqrt_mode=sqrt_mode, max_outliers=max_outliers,
+                          median_buffer=median_buffer)
     start = time.perf_counter()
-    _check_model_dir(model_dir)
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    if outlier_sigma is not None and not outlier_sigma > 0:
-        raise InputError(f"--outlier-sigma must be positive, got {outlier_sigma}")
-    for name, value in (("--max-outliers", max_outliers), ("--median-buffer", median_buffer)):
-        if value < 1:
-            raise InputError(f"{name} must be at least 1, got {value}")
-    if max_state_bytes is not None and not max_state_bytes > 0:
-        raise InputError(f"--max-state-gib must be positive, got {max_state_bytes / 2**30:g} GiB")
-    if dtype not in DTYPES:
-        raise InputError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+    _check_options(batch_size=batch_size, dtype=dtype, max_state_bytes=max_state_bytes, **metric_options)
     torch_dtype = getattr(torch, dtype)
-    with _process_group(device) as (rank, world, dev), warnings.catch_warnings():
+    with _process_group(device) as (rank, world, dev), _warnings_on_rank_zero(rank):
+        show_progress = progress and rank == 0
+        checkpoint = read_checkpoint(model_dir)
+        loader = paper_probe(checkpoint.processor, num_samples, batch_size, images=images, texts=texts,
+                             dtype=torch_dtype, image_token_id=checkpoint.image_token_id)
+        with dependency_progress(show_progress):
+            model = load_model(checkpoint, torch_dtype, dev)
+        num_layers, hidden_size = llm_dimensions(model)
+        chosen = parse_layers(layers, num_layers)
+        _calibrate(model, model_dir, moca)
+        probe = MIRProbe(
+            tqdm(loader, desc="MIR", unit="batch", disable=not show_progress),
+            probe_step=_forward, image_token_id=checkpoint.image_token_id, layer_indices=chosen,
+            text_tokens=text_tokens, hidden_size=hidden_size, max_state_bytes=max_state_bytes, **metric_options,
+        )
+        measured = _measure(probe, model)
+    return EvaluationResult.from_measurement(
+        measured, samples=loader.samples, layers=chosen, model_class=type(model).__name__, model_layers=num_layers,
+        hidden_size=hidden_size, image_token_id=checkpoint.image_token_id, device=str(dev), world_size=world,
+        seconds=time.perf_counter() - start, settings=settings,
+    )
+
+
+def _check_options(*, batch_size: int, dtype: str, outlier_sigma: float | None, max_outliers: int,
+                   median_buffer: int, max_state_bytes: int | None = None, **_: Any) -> None:
+    """Refuse option values the measurement cannot use, before anything is loaded."""
+    if batch_size < 1:
+        raise InputError("{batch_size} must be at least 1, got {n}", n=batch_size)
+    if outlier_sigma is not None and not outlier_sigma > 0:
+        raise InputError("{outlier_sigma} must be positive, got {value}", value=outlier_sigma)
+    if max_outliers < 1:
+        raise InputError("{max_outliers} must be at least 1, got {n}", n=max_outliers)
+    if median_buffer < 1:
+        raise InputError("{median_buffer} must be at least 1, got {n}", n=median_buffer)
+    if dtype not in DTYPES:
+        raise InputError("{dtype} must be one of {choices}, got {value!r}", choices=DTYPES, value=dtype)
+    if max_state_bytes is not None and not max_state_bytes > 0:
+        raise InputError("{max_state_bytes=value} must be positive", value=max_state_bytes)
+
+
+@contextlib.contextmanager
+def _warnings_on_rank_zero(rank: int) -> Iterator[None]:
+    """Warnings raised inside are shown by rank 0 only (every rank meets the same ones)."""
+    with warnings.catch_warnings():
         if rank != 0:
             warnings.simplefilter("ignore")
-        samples = probe_set(images, texts, num_samples)
-        model, processor, image_token_id = load_model_and_processor(str(model_dir), torch_dtype, dev)
-        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        try:
-            num_layers = int(text_config.num_hidden_layers)
-            hidden_size = int(text_config.hidden_size)
-        except (AttributeError, TypeError) as exc:
-            raise InputError(
-                f"unsupported architecture {type(model).__name__}: its text config has no "
-                "num_hidden_layers / hidden_size"
-            ) from exc
-        chosen = parse_layers(layers, num_layers)
-        if moca is not None:
-            attach_moca(model, moca)
-        elif _holds_moca(model_dir):
-            warnings.warn(
-                f"{model_dir} holds MoCa parameters (moca.scale / moca.shift) that loading the model drops: "
-                f"this measures the model WITHOUT MoCa; to measure the calibrated model it was trained "
-                f"as, pass --moca {model_dir} (evaluate_checkpoint(..., moca=MODEL_DIR) in Python)",
-                stacklevel=2,
-            )
-        loader = ProbeBatches(samples, processor, batch_size, torch_dtype, image_token_id)
-        probe = MIRProbe(
-            tqdm(loader, desc="MIR", unit="batch", disable=rank != 0 or not progress),
-            step=_forward, image_token_id=image_token_id, layer_indices=chosen, text_tokens=text_tokens,
-            hidden_size=hidden_size, outlier_sigma=outlier_sigma, sqrt_mode=sqrt_mode,
-            max_outliers=max_outliers, median_buffer=median_buffer, max_state_bytes=max_state_bytes,
+        yield
+
+
+def _calibrate(model: torch.nn.Module, model_dir: str | os.PathLike, moca: str | os.PathLike | None) -> None:
+    """Attach MoCa from ``moca``; without it, warn when ``model_dir`` holds MoCa weights."""
+    if moca is not None:
+        attach_moca(model, moca)
+    elif _holds_moca(model_dir):
+        warnings.warn(
+            f"{model_dir} holds MoCa parameters (moca.scale / moca.shift) that loading the model drops: "
+            f"this measures the model WITHOUT MoCa; to measure the calibrated model it was trained "
+            f"as, pass --moca {model_dir} (evaluate_checkpoint(..., moca=MODEL_DIR) in Python)",
+            stacklevel=3,
         )
-        try:
-            measured = probe.run(model)
-        except StateBudgetError as exc:
-            raise InputError(f"--max-state-gib / max_state_bytes: {exc}") from exc
-        except ValueError as exc:  # the layers cannot be found
-            raise InputError(f"unsupported architecture {type(model).__name__}: {exc}") from exc
-        _raise_failure(measured)
-        mir = measured.mir
-        stats = {k: v.tolist() for k, v in measured.stats.items()}
-    per_layer = {k: [int(x) for x in v] if k in COUNT_KEYS else [float(x) for x in v] for k, v in stats.items()}
-    return EvaluationResult(
-        mir=mir,
-        layers=chosen,
-        per_layer=per_layer,
-        num_samples=len(samples),
-        vision_tokens=int(per_layer["n_vision"][0]),
-        text_tokens=int(per_layer["n_text"][0]),
-        model_class=type(model).__name__,
-        model_layers=num_layers,
-        hidden_size=hidden_size,
-        image_token_id=int(image_token_id),
-        device=str(dev),
-        world_size=world,
-        seconds=time.perf_counter() - start,
-        image_source=samples.image_source,
-        text_source=samples.text_source,
-        skipped_images=list(samples.skipped_images),
-        skipped_texts=list(samples.skipped_texts),
-        settings=settings,
-    )
+
+
+def _measure(probe: MIRProbe, model: torch.nn.Module) -> MIRResult:
+    """``probe.run(model)``, its failure raised.
+
+    Raises:
+        InputError: the layers cannot be found, or the probe failed on the input.
+        RuntimeError: the probe failed otherwise.
+    """
+    try:
+        measured = probe.run(model)
+    except StateBudgetError as exc:
+        raise InputError("{max_state_bytes}: {error}", error=exc) from exc
+    except ValueError as exc:  # the layers cannot be found
+        raise InputError.plain(f"unsupported architecture {type(model).__name__}: {exc}") from exc
+    _raise_failure(measured)
+    return measured
 
 
 def attach_moca(model: torch.nn.Module, path: str | os.PathLike) -> Any:
@@ -561,23 +557,25 @@ def attach_moca(model: torch.nn.Module, path: str | os.PathLike) -> Any:
     try:
         state = load_moca_state(path)
     except FileNotFoundError as exc:
-        raise InputError(f"--moca {path}: no such checkpoint ({exc})") from exc
+        raise InputError("{moca=path}: no such checkpoint ({error})", path=str(path), error=exc) from exc
     except KeyError as exc:
-        raise InputError(f"--moca {path} holds no MoCa weights: {exc.args[0] if exc.args else exc}") from exc
+        raise InputError("{moca=path} holds no MoCa weights: {error}", path=str(path),
+                         error=exc.args[0] if exc.args else exc) from exc
     except Exception as exc:  # noqa: BLE001 - corrupt or foreign files
-        raise InputError(f"--moca {path}: cannot read MoCa weights ({type(exc).__name__}: {exc})") from exc
+        raise InputError("{moca=path}: cannot read MoCa weights ({error})", path=str(path),
+                         error=f"{type(exc).__name__}: {exc}") from exc
     try:
         calibration = MoCa.attach(model)
     except (ValueError, RuntimeError) as exc:
-        raise InputError(f"--moca: cannot attach MoCa to {type(model).__name__}: {exc}") from exc
+        raise InputError("{moca}: cannot attach MoCa to {kind}: {error}", kind=type(model).__name__, error=exc) from exc
     expected = (calibration.num_layers, calibration.hidden_size)
     found = {name: tuple(value.shape) for name, value in state.items()}
     if any(shape != expected for shape in found.values()):
         calibration.remove()
         raise InputError(
-            f"--moca {path}: MoCa weights of shape {found['scale']} (scale) / {found['shift']} (shift) do not fit "
-            f"this model's {expected[0]} decoder layers of width {expected[1]}, i.e. [{expected[0]}, {expected[1]}]; "
-            "they belong to another model"
+            "{moca=path}: MoCa weights of shape {scale} (scale) / {shift} (shift) do not fit this model's {layers_} "
+            "decoder layers of width {width}, i.e. [{layers_}, {width}]; they belong to another model",
+            path=str(path), scale=found["scale"], shift=found["shift"], layers_=expected[0], width=expected[1],
         )
     calibration.load_state_dict(state)
     return calibration
@@ -608,5 +606,5 @@ def _raise_failure(measured: MIRResult) -> None:
     if measured.error is None:
         return
     if measured.error_kind in _INPUT_FAILURES:  # the message without the exception's type, as raised
-        raise InputError(measured.error.removeprefix(f"{InputError.__name__}: "))
+        raise InputError.plain(measured.error.removeprefix(f"{InputError.__name__}: "))
     raise RuntimeError(f"the MIR measurement failed: {measured.error}")

@@ -43,9 +43,10 @@ from mir_lightning.models.transformers import (
     find_final_norm,
     find_image_token_id,
     unwrap_hf_model,
+    unwrap_module,
 )
 
-__all__ = ["MoCa", "VisionMaskFn", "load_moca_state"]
+__all__ = ["PROJECTOR_NAMES", "MoCa", "VisionMaskFn", "load_moca_state", "multimodal_projector"]
 
 VisionMaskFn = Callable[[dict[str, Any]], Tensor]
 """``fn(inputs) -> vision_mask``: ``inputs`` maps the names of the model's forward arguments
@@ -278,6 +279,37 @@ def _inputs_by_name(signature: inspect.Signature, args: tuple[Any, ...], kwargs:
         if param.kind is inspect.Parameter.VAR_KEYWORD and name in inputs:
             inputs.update(inputs.pop(name))
     return inputs
+
+
+PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "connector", "visual.merger")
+"""Where vision-language models keep the projector from vision features to the LLM's width:
+LLaVA, LLaVA-NeXT, PaliGemma, Gemma 3 (``multi_modal_projector``), the original LLaVA code
+(``mm_projector``), Idefics3/SmolVLM (``connector``), Qwen2-VL/Qwen2.5-VL (``visual.merger``)."""
+
+
+def multimodal_projector(model: nn.Module) -> nn.Module:
+    """The vision-to-language projector of ``model``, the module pre-training trains.
+
+    transformers 5 moved it from the top-level model (``model.multi_modal_projector`` in 4.x)
+    into the base model (``model.model.multi_modal_projector``); this finds it in either place
+    (and inside training wrappers and peft): the shallowest sub-module whose name ends with one
+    of :data:`PROJECTOR_NAMES`.
+
+    Raises:
+        ValueError: no such sub-module (then name it yourself, e.g. ``model.my_projector``).
+    """
+    try:
+        root = unwrap_hf_model(model)
+    except ValueError:  # not a Hugging Face model: look inside it as it is
+        root = unwrap_module(model)
+    names = [(name.count("."), name, module) for name, module in root.named_modules()
+             if any(name == key or name.endswith("." + key) for key in PROJECTOR_NAMES)]
+    if not names:
+        raise ValueError(
+            f"no projector in {type(model).__name__}: no sub-module named {' / '.join(PROJECTOR_NAMES)}; "
+            "pass the projector's parameters yourself"
+        )
+    return min(names, key=lambda entry: entry[:2])[2]
 
 
 def load_moca_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:

@@ -197,6 +197,17 @@ def _length(loader: Iterable) -> int | None:
         return None
 
 
+def _loader_failure(err: Exception, batches_read: int) -> str:
+    """Why the probe loader stopped, with the usual cause of an ``IndexError``."""
+    message = f"the probe loader failed after {batches_read} batches ({type(err).__name__}: {err})"
+    if isinstance(err, IndexError):
+        message += (
+            "; a probe of more samples than its dataset holds does this, e.g. Subset(dataset, range(100)) on "
+            "fewer than 100 samples: use range(min(100, len(dataset)))"
+        )
+    return message
+
+
 class MIRProbe:
     """MIR of a model on a fixed probe set, callable from any training loop.
 
@@ -394,7 +405,7 @@ class MIRProbe:
                         measurement.fail(err, FailureKind.FORWARD)
                     del batch
         except Exception as err:  # the loader itself failed
-            measurement.fail(err, FailureKind.LOADER)
+            measurement.fail(_loader_failure(err, forwards), FailureKind.LOADER)
         except BaseException:  # KeyboardInterrupt...: no state left behind either
             measurement.release()
             raise

@@ -1,4 +1,6 @@
-"""Built-in offline probe set for ``mir-lightning evaluate``: nothing is downloaded.
+"""The paper's probe protocol: unrelated image + text samples encoded as probe batches, for
+``mir-lightning evaluate`` and every trainer adapter (:func:`paper_probe`). The built-in
+offline set needs no download.
 
 Images are generated procedurally with numpy (seeded, so every run and every rank sees
 the same set): sky-and-ground scenes, geometric shapes, stripes, checkerboards, smooth
@@ -11,9 +13,10 @@ image-text agreement.
 These samples are synthetic. MIR values computed on them are comparable with each other
 (same probe, different checkpoints), not with the values reported in the paper.
 
-:func:`probe_set` pairs images and texts for ``evaluate``: the built-in set or the user's
-files. Only paths and texts are held; each image is decoded when its batch needs it
-(:meth:`ProbeSet.image`), so memory does not grow with the number of samples.
+:func:`probe_set` pairs images and texts: the built-in set or the user's files. Only paths
+and texts are held; each image is decoded when its batch needs it (:meth:`ProbeSet.image`),
+so memory does not grow with the number of samples. :class:`ProbeBatches` encodes them with
+the model's processor and chat template; :func:`paper_probe` builds it.
 """
 
 from __future__ import annotations
@@ -23,23 +26,32 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_SAMPLES",
     "PARAGRAPHS",
+    "NO_VALUE",
     "InputError",
+    "ProbeBatches",
     "ProbeSet",
+    "build_prompt",
+    "encode_batch",
     "load_texts",
+    "paper_probe",
+    "processor_image_token_id",
     "probe_image_array",
     "probe_images",
     "probe_set",
     "probe_texts",
+    "python_spelling",
     "readable_image_paths",
 ]
 
@@ -47,8 +59,66 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 class InputError(ValueError):
-    """A problem with the user's input (paths, files, counts, model folder): the message says
-    what to change. The command line prints it as one line and exits with code 2."""
+    """A problem with the caller's input (paths, files, counts, model folder): the message
+    says what to change. The command line prints it as one line and exits with code 2.
+
+    The message names the caller's arguments, not one interface's spelling of them: in
+    ``template``, ``{name}`` is the argument ``name`` and ``{name=key}`` that argument set to
+    ``values[key]`` (value keys are never argument names). ``str()`` spells them for Python
+    callers (``num_samples``, ``num_samples=5``); :meth:`worded` for another interface (the
+    command line: ``--num-samples``, ``--num-samples 5``).
+
+    Example:
+        >>> str(InputError("{batch_size=n} must be at least 1", n=0))
+        'batch_size=0 must be at least 1'
+        >>> InputError("{batch_size=n} must be at least 1", n=0).worded(lambda name, value: f"--{name} {value}")
+        '--batch_size 0 must be at least 1'
+    """
+
+    def __init__(self, template: str, /, **values: Any) -> None:
+        self.template = template
+        self.values = values
+        super().__init__(self.worded(python_spelling))
+
+    @classmethod
+    def plain(cls, message: str) -> "InputError":
+        """An error whose message names no argument (braces in it are kept as they are)."""
+        return cls("{text}", text=message)
+
+    def worded(self, spell: Callable[[str, Any], str]) -> str:
+        """The message with each argument written as ``spell(name, value)`` (``value`` is
+        :data:`NO_VALUE` where the message names the argument alone)."""
+        return self.template.format_map(_Fields(self.values, spell))
+
+
+class _NoValue:
+    def __repr__(self) -> str:
+        return "NO_VALUE"
+
+
+NO_VALUE: Any = _NoValue()
+"""The ``value`` :meth:`InputError.worded` passes where a message names an argument alone."""
+
+
+class _Fields(dict):
+    """``str.format_map`` fields of an :class:`InputError`: values by key, arguments spelt."""
+
+    def __init__(self, values: dict[str, Any], spell: Callable[[str, Any], str]) -> None:
+        super().__init__(values)
+        self.spell = spell
+
+    def __missing__(self, field_name: str) -> str:
+        name, _, key = field_name.partition("=")
+        return self.spell(name, self[key] if key else NO_VALUE)
+
+
+def python_spelling(name: str, value: Any) -> str:
+    """An argument as a Python caller writes it: ``num_samples`` or ``num_samples=5``
+    (strings and paths quoted)."""
+    if value is NO_VALUE:
+        return name
+    return f"{name}={str(value)!r}" if isinstance(value, (str, os.PathLike)) else f"{name}={value!r}"
+
 
 MAX_SAMPLES = 500
 """Most samples the built-in probe set provides."""
@@ -271,24 +341,24 @@ class ProbeSet:
                 return im.convert("RGB")
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
             raise InputError(
-                f"--images: {path} has a valid header but cannot be decoded ({type(exc).__name__}: {exc}); "
-                "remove or replace it"
+                "{images}: {path} has a valid header but cannot be decoded ({error}); remove or replace it",
+                path=str(path), error=f"{type(exc).__name__}: {exc}",
             ) from exc
 
 
 def _image_files(source: Path) -> list[Path]:
     if not source.exists():
-        raise InputError(f"--images: {source} does not exist")
+        raise InputError("{images}: {path} does not exist", path=str(source))
     if source.is_dir():
         paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not paths:
-            raise InputError(f"--images: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {source}")
+            raise InputError("{images}: no image files ({kinds}) in {path}", kinds=", ".join(IMAGE_EXTENSIONS), path=str(source))
         return paths
     if source.suffix.lower() in (".txt", ".lst"):
         lines = [ln.strip() for ln in source.read_text(encoding="utf-8").splitlines()]
         paths = [Path(ln) if os.path.isabs(ln) else source.parent / ln for ln in lines if ln]
         if not paths:
-            raise InputError(f"--images: the list {source} names no image")
+            raise InputError("{images}: the list {path} names no image", path=str(source))
         return paths
     return [source]
 
@@ -324,11 +394,13 @@ def readable_image_paths(source: Path, n: int) -> tuple[list[Path], list[str]]:
             skipped.append(f"{path}: {type(exc).__name__}: {exc}")
             warnings.warn(f"skipping unreadable image {path} ({type(exc).__name__}: {exc})", stacklevel=2)
     if len(paths) < n:
+        if not paths:
+            raise InputError("{images}: no readable image in {path} ({skipped} skipped)", path=str(source),
+                             skipped=len(skipped))
         raise InputError(
-            f"--num-samples {n} asks for {n} samples but only {len(paths)} readable images exist in "
-            f"{source} ({len(skipped)} skipped); pass --num-samples {len(paths)} or add images"
-            if paths
-            else f"--images: no readable image in {source} ({len(skipped)} skipped)"
+            "{num_samples=n} asks for {n} samples but only {found} readable images exist in {path} ({skipped} "
+            "skipped); pass {num_samples=found} or add images",
+            n=n, found=len(paths), path=str(source), skipped=len(skipped),
         )
     return paths, skipped
 
@@ -337,9 +409,9 @@ def _texts_from_file(path: Path) -> list[str]:
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(f"--texts: {path} is not UTF-8 text ({exc})") from exc
+        raise InputError("{texts}: {path} is not UTF-8 text ({error})", path=str(path), error=exc) from exc
     if not raw.strip():
-        raise InputError(f"--texts: the text file {path} is empty")
+        raise InputError("{texts}: the text file {path} is empty", path=str(path))
     if path.suffix.lower() == ".jsonl":
         texts = []
         for i, line in enumerate(raw.splitlines(), 1):
@@ -348,10 +420,11 @@ def _texts_from_file(path: Path) -> list[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"--texts: {path} line {i} is not valid JSON ({exc.msg})") from exc
+                raise InputError("{texts}: {path} line {line} is not valid JSON ({error})", path=str(path), line=i,
+                                 error=exc.msg) from exc
             text = obj.get("text") if isinstance(obj, dict) else obj if isinstance(obj, str) else None
             if not isinstance(text, str):
-                raise InputError(f"--texts: {path} line {i} has no string field 'text'")
+                raise InputError("{texts}: {path} line {line} has no string field 'text'", path=str(path), line=i)
             if text.strip():
                 texts.append(text.strip())
         return texts
@@ -374,12 +447,12 @@ def load_texts(source: Path, n: int) -> tuple[list[str], list[str]]:
         InputError: for a missing source, an empty file, or fewer than ``n`` texts.
     """
     if not source.exists():
-        raise InputError(f"--texts: {source} does not exist")
+        raise InputError("{texts}: {path} does not exist", path=str(source))
     skipped: list[str] = []
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() == ".txt")
         if not files:
-            raise InputError(f"--texts: no .txt files in {source}")
+            raise InputError("{texts}: no .txt files in {path}", path=str(source))
         texts = []
         for p in files:
             if len(texts) == n:
@@ -391,13 +464,14 @@ def load_texts(source: Path, n: int) -> tuple[list[str], list[str]]:
                 skipped.append(str(p))
                 warnings.warn(f"skipping empty text file {p}", stacklevel=2)
         if not texts:
-            raise InputError(f"--texts: every .txt file in {source} is empty")
+            raise InputError("{texts}: every .txt file in {path} is empty", path=str(source))
     else:
         texts = _texts_from_file(source)
     if len(texts) < n:
         raise InputError(
-            f"--num-samples {n} asks for {n} samples but only {len(texts)} texts exist in {source}; "
-            f"pass --num-samples {len(texts)} or add texts"
+            "{num_samples=n} asks for {n} samples but only {found} texts exist in {path}; pass {num_samples=found} "
+            "or add texts",
+            n=n, found=len(texts), path=str(source),
         )
     return texts[:n], skipped
 
@@ -409,15 +483,16 @@ def probe_set(images: str | os.PathLike | None, texts: str | os.PathLike | None,
         InputError: ``n < 1``, more samples than the sources hold, Pillow missing.
     """
     if n < 1:
-        raise InputError(f"--num-samples must be at least 1, got {n}")
+        raise InputError("{num_samples} must be at least 1, got {n}", n=n)
     if importlib.util.find_spec("PIL") is None:
-        raise InputError("mir-lightning evaluate needs Pillow to read images: pip install pillow")
+        raise InputError("the probe set needs Pillow to read images: pip install pillow")
     if n < 20:
         warnings.warn(f"{n} samples: the paper reports MIR stable from about 20 samples on", stacklevel=2)
     if (images is None or texts is None) and n > MAX_SAMPLES:
         raise InputError(
-            f"--num-samples {n} asks for {n} samples but the built-in probe set has "
-            f"{MAX_SAMPLES}; pass --images and --texts for more"
+            "{num_samples=n} asks for {n} samples but the built-in probe set has {most}; pass {images} and "
+            "{texts} for more",
+            n=n, most=MAX_SAMPLES,
         )
     if texts is not None:
         text_list, skipped_texts = load_texts(Path(texts), n)
@@ -430,3 +505,164 @@ def probe_set(images: str | os.PathLike | None, texts: str | os.PathLike | None,
     else:
         paths, skipped, image_source = None, [], "built-in procedural images"
     return ProbeSet(text_list, paths, image_source, text_source, skipped, skipped_texts)
+
+
+# --------------------------------------------------------------------------- encoded batches
+def build_prompt(processor: Any, text: str) -> str:
+    """One user turn with the image then ``text``: the chat template when the processor has one
+    (with the assistant prefix appended, as the official script does), else the image
+    placeholder followed by the text."""
+    template = getattr(processor, "chat_template", None) or getattr(
+        getattr(processor, "tokenizer", None), "chat_template", None
+    )
+    if template:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        try:
+            return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"chat template failed ({exc}); using an image placeholder + text", stacklevel=2)
+    placeholder = getattr(processor, "image_token", None) or "<image>"
+    return f"{placeholder}{text}"
+
+
+def encode_batch(processor: Any, samples: ProbeSet, indices: Sequence[int]) -> dict[str, Any]:
+    """Decode the images of ``indices`` and run the processor on them (padding on); returns
+    its outputs without ``labels``."""
+    images = [samples.image(i) for i in indices]
+    prompts = [build_prompt(processor, samples.texts[i]) for i in indices]
+    errors = []
+    for layout in ([[im] for im in images], images):  # nested (Idefics3/Gemma 3) first
+        try:
+            enc = processor(images=layout, text=prompts, padding=True, return_tensors="pt")
+            break
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"{type(exc).__name__}: {exc}")
+    else:
+        raise InputError.plain(f"the processor failed on a batch: {' | '.join(errors)[:600]}")
+    enc = dict(enc)
+    enc.pop("labels", None)
+    return enc
+
+
+class _Batch(Mapping[str, Any]):
+    """The processor's output for one batch of samples, computed when first read: a rank
+    decodes only the images of the batches it runs (the probe skips the others unread)."""
+
+    def __init__(self, encode: Callable[[], dict[str, Any]]) -> None:
+        self._encode = encode
+        self._data: dict[str, Any] | None = None
+
+    def _get(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = self._encode()
+        return self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+class ProbeBatches(Sequence[Mapping[str, Any]]):
+    """A probe loader over ``samples``: batch ``b`` holds samples ``b * batch_size ...``,
+    encoded by ``processor`` each time it is read (floating tensors cast to ``dtype`` unless
+    ``None``). Holds no image and no tensor between reads: memory is flat in the number of
+    samples, and a probe run re-encodes its batches (decoding + processor, no model).
+
+    Raises (when a batch is read):
+        InputError: the processor fails, or (with ``image_token_id``) inserts no such token.
+    """
+
+    def __init__(
+        self,
+        samples: ProbeSet,
+        processor: Any,
+        batch_size: int,
+        dtype: torch.dtype | None = None,
+        image_token_id: int | None = None,
+    ) -> None:
+        self.samples, self.processor, self.batch_size = samples, processor, batch_size
+        self.dtype, self.image_token_id = dtype, image_token_id
+
+    def __len__(self) -> int:
+        return -(-len(self.samples) // self.batch_size)
+
+    def __getitem__(self, index: int) -> Mapping[str, Any]:  # type: ignore[override]
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        start = index * self.batch_size
+        indices = range(start, min(start + self.batch_size, len(self.samples)))
+        return _Batch(lambda: self._encode(indices))
+
+    def _encode(self, indices: Sequence[int]) -> dict[str, Any]:
+        enc = encode_batch(self.processor, self.samples, indices)
+        if self.image_token_id is not None and not bool((enc["input_ids"] == self.image_token_id).any()):
+            raise InputError.plain(
+                f"no image token (id {self.image_token_id}) in the processed batch: the processor does not "
+                "insert the model's image tokens"
+            )
+        if self.dtype is None:
+            return enc
+        return {k: v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in enc.items()}
+
+
+def processor_image_token_id(processor: Any) -> int | None:
+    """The id of the image token ``processor`` inserts (its ``image_token_id``, else its
+    tokenizer's id of ``image_token``); ``None`` when it names none."""
+    token_id = getattr(processor, "image_token_id", None)
+    if isinstance(token_id, int):
+        return token_id
+    token, tokenizer = getattr(processor, "image_token", None), getattr(processor, "tokenizer", None)
+    if isinstance(token, str) and tokenizer is not None:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != getattr(tokenizer, "unk_token_id", None):
+            return token_id
+    return None
+
+
+def paper_probe(
+    processor: Any,
+    num_samples: int = 100,
+    batch_size: int = 8,
+    *,
+    images: str | os.PathLike | None = None,
+    texts: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    image_token_id: int | None = None,
+) -> ProbeBatches:
+    """The paper's probe protocol as a loader: ``num_samples`` unrelated image + text samples,
+    one image per sample, as a user turn of ``processor``'s chat template (else the image
+    placeholder followed by the text), in batches of ``batch_size``.
+
+    The same samples and encoding as ``mir-lightning evaluate`` (:func:`evaluate_checkpoint`
+    builds its loader here): MIR from any adapter on this loader equals the command's on the
+    same checkpoint. Pass it as ``probe_dataloader`` to :class:`~mir_lightning.MIRProbe`,
+    :class:`~mir_lightning.MIRCallback` or ``MIRTrainerCallback``; every rank gets the same
+    loader (the probe shards it). Batches are dicts of the processor's tensors (``input_ids``
+    ``[B, T]``, ``attention_mask``, ``pixel_values``...), encoded when read.
+
+    Args:
+        processor: the model's multimodal processor (``AutoProcessor.from_pretrained``).
+        num_samples: samples in all (the built-in set has up to :data:`MAX_SAMPLES`).
+        batch_size: samples per forward.
+        images: folder / single image / ``.txt`` list of paths; ``None``: built-in images.
+        texts: folder of ``.txt`` / text file / ``.jsonl``; ``None``: built-in texts.
+        dtype: cast floating tensors (``pixel_values``) to this dtype; ``None``: as the
+            processor returns them.
+        image_token_id: checked to be in every batch; ``None``: the processor's (no check
+            when it names none).
+
+    Raises:
+        InputError: for a bad count, missing or short sources, a processor that fails or
+            inserts no image token (the last two when a batch is read).
+    """
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise InputError("{batch_size=n} must be a positive integer", n=batch_size)
+    samples = probe_set(images, texts, num_samples)
+    if image_token_id is None:
+        image_token_id = processor_image_token_id(processor)
+    return ProbeBatches(samples, processor, int(batch_size), dtype, image_token_id)

@@ -643,3 +643,62 @@ def test_moca_option_defaults_to_none_and_documents_the_detection():
     subparsers = next(a for a in parser._actions if a.dest == "command")
     text = " ".join(subparsers.choices["evaluate"].format_help().split())
     assert "--moca PATH" in text and "suggests --moca MODEL_DIR" in text
+
+
+# ----------------------------------------------------------------------------- progress bars (issue 20 item 4)
+BARS = ("Loading weights", "MIR:")  # transformers' weight loading, the measurement's own bar
+
+
+@pytest.mark.parametrize("terminal, flags, shown", [
+    (True, [], True),                   # a person watching: bars
+    (True, ["--no-progress"], False),   # --no-progress also silences transformers' weight loading
+    (False, [], False),                 # stdout/stderr redirected (CI, nohup, a log file): no bars
+])
+def test_progress_bars_follow_the_flag_and_the_terminal(terminal, flags, shown, model_dirs, capsys, monkeypatch):
+    import mir_lightning.cli
+
+    monkeypatch.setattr(mir_lightning.cli, "on_terminal", lambda: terminal)
+    assert main(["evaluate", str(model_dirs["llava"]), "--num-samples", "2", "--batch-size", "2",
+                 "--device", "cpu", *flags]) == 0
+    err = capsys.readouterr().err
+    assert all((bar in err) == shown for bar in BARS), err[-2000:]
+    assert transformers.utils.logging.is_progress_bar_enabled()  # the switch is restored afterwards
+
+
+def test_on_terminal_needs_both_streams(monkeypatch):
+    from mir_lightning._progress import on_terminal
+
+    class Stream:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    for out, err, expected in ((True, True, True), (False, True, False), (True, False, False)):
+        monkeypatch.setattr(sys, "stdout", Stream(out))
+        monkeypatch.setattr(sys, "stderr", Stream(err))
+        assert on_terminal() is expected
+
+
+def test_example_gguf_loading_has_no_bars_without_a_terminal(capsys, monkeypatch):
+    """examples/lvlm.py loads the GGUF LLM with transformers' de-quantisation bar (its own tqdm)
+    and the weight-loading bar: neither is drawn when the output is not a terminal."""
+    sys.path.insert(0, str(REPO / "examples"))
+    import lvlm
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    def from_pretrained(*args, **kwargs):  # what transformers' GGUF loading draws, without the file
+        list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+        list(hf_logging.tqdm(range(3), desc="Loading weights"))
+        return torch.nn.Linear(1, 1)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: object())
+    monkeypatch.setattr(lvlm, "HFTokenizer", lambda tok: tok)
+    for terminal, shown in ((False, False), (True, True)):
+        monkeypatch.setattr("mir_lightning._progress.on_terminal", lambda: terminal)
+        lvlm._load_gguf(REPO, "model.gguf")
+        err = capsys.readouterr().err
+        assert ("de-quantizing" in err) == shown and ("Loading weights" in err) == shown, err
