@@ -106,3 +106,54 @@ def test_ranks_beyond_exact_median_buffer(tmp_path, world):
     # measured per layer: 4e-8 (2 ranks) and ~1e-7 (3 ranks) against one process, 1e-7 against the reference
     assert np.all(np.abs(fds[0].numpy() / single.per_layer_fd().numpy() - 1) < 1e-6)
     assert np.all(np.abs(fds[0].numpy() / ref_fd - 1) < 1e-6)
+
+
+def _teardown_worker(rank, world, port, out_dir):
+    """FSDP2 forwards, then the group's end: gloo threads after destroy_process_group() alone,
+    after end_process_group(), and what end_process_group() says of a group still held."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from distributed_helpers import end_process_group, gloo_thread_count, init_process_group
+
+    torch.set_num_threads(1)
+    init_process_group(rank, world, port)
+
+    def sharded_forwards():  # the module and its mesh go out of scope when this returns
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        with torch.no_grad():
+            model(torch.ones(2, 8))
+
+    sharded_forwards()
+    dist.destroy_process_group()
+    counts = {"after_destroy": gloo_thread_count()}  # DTensor's sharding caches still hold the mesh
+    end_process_group()
+    counts["after_end"] = gloo_thread_count()
+    init_process_group(rank, world, free_port())  # one rank: a fresh port of its own
+    dist.all_reduce(torch.ones(1))
+    held = dist.group.WORLD  # a reference the helper cannot release
+    try:
+        end_process_group(wait_s=1.0)
+        counts["held"] = "no error"
+    except RuntimeError as err:
+        counts["held"] = str(err)
+    del held
+    end_process_group()
+    counts["after_release"] = gloo_thread_count()
+    torch.save(counts, os.path.join(out_dir, f"teardown{rank}.pt"))
+
+
+def test_gloo_threads_outlive_destroy_but_not_end_process_group(tmp_path):
+    """Why the workers end their group with distributed_helpers.end_process_group(): after FSDP2
+    forwards, destroy_process_group() leaves the gloo backend running (its threads would then
+    meet the interpreter's shutdown); end_process_group() ends it, and names a group still held."""
+    mp.spawn(_teardown_worker, args=(1, free_port(), str(tmp_path)), nprocs=1, join=True)
+    counts = torch.load(tmp_path / "teardown0.pt")
+    assert counts["after_destroy"] > 0, counts
+    assert counts["after_end"] == 0 and counts["after_release"] == 0, counts
+    assert "still holds a process group" in counts["held"], counts
