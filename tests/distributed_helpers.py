@@ -14,8 +14,9 @@ thread that takes the GIL while the interpreter finalizes (a tensor released fro
 the worker dies of SIGABRT after its test had passed.
 
 :func:`end_process_group` therefore releases everything that pins a group and waits until the
-gloo threads have been joined, while Python is still fully alive; a group that stays pinned is
-reported as an error naming the threads instead of an occasional abort at exit.
+gloo threads have been joined, while Python is still fully alive. A group pinned where Python
+cannot release it (DDP's C++ reducer after backward passes) is reported, or, in a spawned
+worker whose results are written, the worker ends without interpreter finalization.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import gc
 import glob
 import os
 import socket
+import sys
 import time
 from typing import Iterator
 
@@ -62,7 +64,8 @@ def init_process_group(rank: int, world: int, port: int, timeout_s: float = 60.0
 
 @contextlib.contextmanager
 def process_group(rank: int, world: int, port: int, timeout_s: float = 60.0) -> Iterator[None]:
-    """gloo for the block, ended by :func:`end_process_group` (only destroyed when the block raises).
+    """gloo for the block, ended by :func:`end_process_group` (only destroyed when the block raises;
+    a group still held after it ends the worker process, see ``exit_if_held``).
     Build models that hold the group (DDP, FSDP) in a function called from the block, so that
     they are gone when it ends."""
     init_process_group(rank, world, port, timeout_s)
@@ -72,15 +75,18 @@ def process_group(rank: int, world: int, port: int, timeout_s: float = 60.0) -> 
         if dist.is_initialized():
             dist.destroy_process_group()
         raise
-    end_process_group()
+    end_process_group(wait_s=10.0, exit_if_held=True)
 
 
-def end_process_group(wait_s: float = 30.0) -> None:
+def end_process_group(wait_s: float = 30.0, exit_if_held: bool = False) -> None:
     """Destroy every process group and wait until their gloo threads are gone.
 
     Call after the last collective, once nothing of the caller needs the groups (models that
-    hold a group, e.g. DDP or FSDP modules, should be out of scope). Raises ``RuntimeError`` if
-    gloo threads are still running after ``wait_s`` seconds (something still holds a group).
+    hold a group, e.g. DDP or FSDP modules, should be out of scope). If gloo threads still run
+    after ``wait_s`` seconds, something outside Python's reach holds a group (DDP's C++ reducer
+    does, after training): with ``exit_if_held`` the process then ends here with exit code 0,
+    without interpreter finalization (for a worker whose results are written); otherwise
+    ``RuntimeError``.
     """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -96,15 +102,27 @@ def end_process_group(wait_s: float = 30.0) -> None:
         if left == 0:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"{left} gloo thread(s) still run {wait_s:.0f} s after destroy_process_group(): something still "
-                "holds a process group, and its backend would be destroyed during interpreter shutdown"
-            )
+            break
         time.sleep(0.05)
+    if exit_if_held:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    raise RuntimeError(
+        f"{left} gloo thread(s) still run {wait_s:.0f} s after destroy_process_group(): something still "
+        "holds a process group, and its backend would be destroyed during interpreter shutdown"
+    )
+
+
+def _end_at_exit() -> None:
+    try:
+        end_process_group(wait_s=5.0)
+    except RuntimeError as err:  # a launcher's exit code must stay its own: report, do not exit here
+        print(f"distributed_helpers: {err}", file=sys.stderr, flush=True)
 
 
 def end_process_group_at_exit() -> None:
     """Run :func:`end_process_group` in an ``atexit`` hook: for workers whose launcher (Lightning's
     ddp_spawn, a torchrun script) still holds the model when the worker's own code ends. atexit
     hooks run before the interpreter starts finalizing, with every module still usable."""
-    atexit.register(end_process_group)
+    atexit.register(_end_at_exit)
