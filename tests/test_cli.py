@@ -606,7 +606,7 @@ def _collective_forward_worker(rank: int, world: int, port: int, model_dir: str,
                                                              **result.to_dict()}))
     from distributed_helpers import end_process_group
 
-    end_process_group()  # destroyed, and its gloo threads joined before the interpreter shuts down
+    end_process_group(exit_if_held=True)  # its gloo threads joined (or no finalization) before exit
 
 
 def test_ranks_run_equal_forward_counts_with_a_padding_batch(model_dirs, data_dir, tmp_path):
