@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from distributed_helpers import end_process_group_at_exit  # noqa: E402
 from vlm_factory import PAD_ID, make_tiny_vlm  # noqa: E402
 
 SEED = 0
@@ -86,6 +87,8 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=None)
     options = parser.parse_args()
     torch.set_num_threads(1)
+    if "WORLD_SIZE" in os.environ:  # the Trainer leaves its group alive: end it before the interpreter shuts down
+        end_process_group_at_exit()
     wrappers: list[str] = []
 
     def step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from distributed_helpers import end_process_group_at_exit
 from reference import reference_mir
 from vlm_factory import IMAGE_TOKEN_ID, make_tiny_vlm
 
@@ -32,6 +33,21 @@ class TinyLlava(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class EndProcessGroup(pl.Callback):
+    """Ends gloo in every ddp_spawn worker: a barrier once the run is over, then
+    :func:`distributed_helpers.end_process_group` at the worker's exit (Lightning's strategy
+    still holds the DDP module, and with it the group, after the callbacks' teardown)."""
+
+    def setup(self, trainer, pl_module, stage):
+        end_process_group_at_exit()
+
+    def teardown(self, trainer, pl_module, stage):
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
 
 
 def make_batches(n_batches: int = 4, batch_size: int = 3, n_text: int = 20, seed: int = 0):

@@ -6,12 +6,11 @@ transformers and the package.
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import torch
-import torch.distributed as dist
 
+from distributed_helpers import process_group
 from mir_lightning.moca import MoCa
 from vlm_factory import make_tiny_vlm
 
@@ -49,20 +48,21 @@ def train(model: torch.nn.Module, batch: dict[str, torch.Tensor], params: list[t
         optimizer.step()
 
 
+def _train_rank(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """MoCa's state after training under DistributedDataParallel on this rank's rows (the DDP
+    module, which holds the process group, is gone when this returns)."""
+    model, _ = make_tiny_vlm("llava")
+    MoCa.attach(model)
+    params = trainable(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    share = GLOBAL_BATCH // world
+    batch = {k: v[rank * share:(rank + 1) * share] for k, v in ddp_batch().items()}
+    train(ddp, batch, params)
+    return {k: v.detach().clone() for k, v in model.moca.state_dict().items()}
+
+
 def ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """Train MoCa under DistributedDataParallel on this rank's rows; save ``rank{rank}.pt``."""
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    try:
-        model, _ = make_tiny_vlm("llava")
-        MoCa.attach(model)
-        params = trainable(model)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        share = GLOBAL_BATCH // world
-        batch = {k: v[rank * share:(rank + 1) * share] for k, v in ddp_batch().items()}
-        train(ddp, batch, params)
-        state = {k: v.detach().clone() for k, v in model.moca.state_dict().items()}
-        torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    with process_group(rank, world, port, timeout_s=120):
+        torch.save(_train_rank(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))

@@ -30,6 +30,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.strategies.ddp import DDPStrategy  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from distributed_helpers import end_process_group_at_exit  # noqa: E402
 from sharded_common import ZERO3_CONFIG, build_model, decoder_layer_class, extension_cache_dir, probe_batches  # noqa: E402
 
 from mir_lightning import MIRCallback  # noqa: E402
@@ -158,6 +159,7 @@ def main() -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is imported
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extension_cache_dir())
     torch.set_num_threads(1)
+    end_process_group_at_exit()  # Lightning keeps the group (and the wrapped model) to the end
     timeout = datetime.timedelta(seconds=args.timeout)
     for name in args.strategies.split(","):
         strategy = name.removesuffix("_through_wrapper")

@@ -23,7 +23,6 @@ import datetime
 import itertools
 import json
 import os
-import socket
 import sys
 import time
 
@@ -33,11 +32,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from distributed_helpers import free_port, process_group  # noqa: E402
 
 
 def _hooked(probe, wrapped) -> list[list[str]]:
@@ -99,14 +94,11 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=args.timeout))
-    try:
+    with process_group(rank, world, port, args.timeout):
         for engine in filter(None, args.engines.split(",")):
             _run_engine(engine, rank, world, args.batches, args.out, args.budget_layers)
         if args.then_unequal:
             _run_unequal(rank, world, args.batches, args.then_unequal)
-    finally:
-        dist.destroy_process_group()
 
 
 def main() -> int:
@@ -125,7 +117,7 @@ def main() -> int:
         from sharded_common import extension_cache_dir
 
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", extension_cache_dir())
-    mp.spawn(_worker, args=(args.world, _free_port(), args), nprocs=args.world, join=True)
+    mp.spawn(_worker, args=(args.world, free_port(), args), nprocs=args.world, join=True)
     return 0
 
 

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from mir_lightning import MIRCallback, MIREarlyStopping
-from lightning_helpers import TinyLlava, loader, make_batches, official_masks, read_image_tags, read_scalars, reference_for
+from lightning_helpers import EndProcessGroup, TinyLlava, loader, make_batches, official_masks, read_image_tags, read_scalars, reference_for
 
 TRAINER = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False)
 
@@ -240,19 +240,6 @@ class LazyTinyLlava(TinyLlava):
             self.model, _ = make_tiny_vlm("llava", seed=0)
 
 
-class DestroyProcessGroup(pl.Callback):
-    """Shut gloo down in every ddp_spawn worker once the run is over (Lightning leaves the group
-    alive; tearing it down at worker exit intermittently aborted a worker with
-    "terminate called without an active exception")."""
-
-    def teardown(self, trainer, pl_module, stage):
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
-
-
 def _spawn_strategy(find_unused_parameters: bool = False):
     from datetime import timedelta
 
@@ -267,7 +254,7 @@ def _ddp_fit(tmp):
     module = LazyTinyLlava()
     cb = MIRCallback()
     trainer = pl.Trainer(strategy=_spawn_strategy(), accelerator="cpu", devices=2, logger=False,
-                         callbacks=[cb, DestroyProcessGroup()],
+                         callbacks=[cb, EndProcessGroup()],
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(module, loader(make_batches(n_batches=4)), verbose=False)
     return float(trainer.callback_metrics["mir"])
@@ -277,7 +264,7 @@ def _ddp_probe_fit(tmp):
     """Probe of 3 batches on 2 ranks during training (no validation): 2 forwards each, one a padding."""
     cb = MIRCallback(probe_dataloader=loader(make_batches(n_batches=3, seed=50)), every_n_train_steps=2)
     trainer = pl.Trainer(strategy=_spawn_strategy(find_unused_parameters=True), accelerator="cpu", devices=2,
-                         logger=False, callbacks=[cb, DestroyProcessGroup()], max_steps=2, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                         logger=False, callbacks=[cb, EndProcessGroup()], max_steps=2, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(LazyTinyLlava(), loader(make_batches(n_batches=4)))
     return float(trainer.callback_metrics["mir"])
 
@@ -295,7 +282,7 @@ def _masks_failing_on_rank_one(batch):
 def _ddp_one_rank_fails():
     cb = MIRCallback(masks=_masks_failing_on_rank_one)
     trainer = pl.Trainer(strategy=_spawn_strategy(), accelerator="cpu", devices=2, logger=False,
-                         callbacks=[cb, DestroyProcessGroup()],
+                         callbacks=[cb, EndProcessGroup()],
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(LazyTinyLlava(), loader(make_batches(n_batches=4)), verbose=False)
     return float(trainer.callback_metrics["mir"])

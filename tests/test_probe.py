@@ -8,10 +8,8 @@ and 6e-15 across 2 and 3 gloo ranks (plain, DDP, FSDP2, FSDP1); 1e-9 leaves a ma
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader
 
+from distributed_helpers import free_port, process_group
 from lightning_helpers import make_batches, official_masks, reference_on
 from reference import reference_mir
 from vlm_factory import IMAGE_TOKEN_ID, make_tiny_vlm
@@ -268,12 +267,6 @@ def test_packed_rows_equal_unpacked():
 
 
 # ----------------------------------------------------------------------------- ranks
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wrapped(kind: str, world: int) -> nn.Module:
     model, _ = make_tiny_vlm("llava", seed=0)
     if kind == "plain":
@@ -315,28 +308,29 @@ def _step_failing_on_last_rank(model, batch):
         raise RuntimeError("step failed on the last rank")
 
 
+def _rank_results(world, kinds, n_batches):
+    """This rank's probe results (the wrapped models, which hold the group, die with this frame)."""
+    batches = make_batches(n_batches=n_batches, batch_size=2)
+    out = {}
+    for kind in kinds:
+        model = _wrapped(kind, world)
+        model.train()
+        result = MIRProbe(DataLoader(batches, batch_size=None)).run(model)
+        out[kind] = {"fd": result.per_layer_fd, "mir": result.mir, "n": (result.n_vision, result.n_text),
+                     "forwards": result.forwards, "error": result.error, "training": model.training,
+                     "hooks": len(capture_hooks(model))}
+    failing = MIRProbe(batches, masks=_masks_failing_on_last_rank).run(_wrapped("plain", world))
+    out["failing"] = {"mir": failing.mir, "error": failing.error}
+    # a step raising after its forward on one rank only, under FSDP2 (every forward a collective)
+    raising = MIRProbe(batches, step=_step_failing_on_last_rank).run(_wrapped("fsdp2", world))
+    out["raising"] = {"mir": raising.mir, "error": raising.error, "forwards": raising.forwards}
+    return out
+
+
 def _rank_worker(rank, world, port, kinds, n_batches, out_dir):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
-    try:
-        batches = make_batches(n_batches=n_batches, batch_size=2)
-        out = {}
-        for kind in kinds:
-            model = _wrapped(kind, world)
-            model.train()
-            result = MIRProbe(DataLoader(batches, batch_size=None)).run(model)
-            out[kind] = {"fd": result.per_layer_fd, "mir": result.mir, "n": (result.n_vision, result.n_text),
-                         "forwards": result.forwards, "error": result.error, "training": model.training,
-                         "hooks": len(capture_hooks(model))}
-        failing = MIRProbe(batches, masks=_masks_failing_on_last_rank).run(_wrapped("plain", world))
-        out["failing"] = {"mir": failing.mir, "error": failing.error}
-        # a step raising after its forward on one rank only, under FSDP2 (every forward a collective)
-        raising = MIRProbe(batches, step=_step_failing_on_last_rank).run(_wrapped("fsdp2", world))
-        out["raising"] = {"mir": raising.mir, "error": raising.error, "forwards": raising.forwards}
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    with process_group(rank, world, port, timeout_s=90):
+        torch.save(_rank_results(world, kinds, n_batches), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.parametrize("world,kinds", [(2, ("plain", "ddp", "fsdp2", "fsdp1")), (3, ("plain", "fsdp2"))])
@@ -344,7 +338,7 @@ def test_ranks_shard_the_probe_with_equal_forwards(tmp_path, world, kinds):
     n_batches = 5  # not divisible by 2 or 3: some ranks run a padding forward
     model, _ = make_tiny_vlm("llava", seed=0)
     expected = reference(model, make_batches(n_batches=n_batches, batch_size=2))
-    mp.spawn(_rank_worker, args=(world, _free_port(), kinds, n_batches, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_rank_worker, args=(world, free_port(), kinds, n_batches, str(tmp_path)), nprocs=world, join=True)
     for rank in range(world):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for kind in kinds:
@@ -390,7 +384,7 @@ def test_deepspeed_zero3_engine(tmp_path):
     import subprocess
     import sys
 
-    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     script = _DEEPSPEED_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
