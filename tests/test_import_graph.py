@@ -47,7 +47,12 @@ def imports_of(module: str) -> set[str]:
 def imports_in(source: str, module: str, package: str) -> set[str]:
     """Package modules imported anywhere in ``source`` (the text of ``module``, in ``package``)."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    typing_only = {id(child) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
+                   for stmt in node.body for child in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:  # `if TYPE_CHECKING:` imports are for annotations, never run
+            continue
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -65,6 +70,11 @@ def imports_in(source: str, module: str, package: str) -> set[str]:
                 if target is not None and target != module:
                     found.add(target)
     return found
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 GRAPH = {module: imports_of(module) for module in MODULES}
