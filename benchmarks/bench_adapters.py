@@ -94,7 +94,7 @@ def hf_adapter(parts: lvlm.Parts, probe_loader: Any, every: int, steps: int, out
                tensorboard: bool = True) -> HookTimer:
     from transformers import Trainer, TrainingArguments
 
-    from mir_lightning.integrations.hf_trainer import MIRTrainerCallback
+    from mir_lightning.adapters.hf_trainer import MIRTrainerCallback
 
     callback = MIRTrainerCallback(probe_loader, every_n_steps=every)
     timer = HookTimer()

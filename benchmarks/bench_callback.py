@@ -31,7 +31,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mir_lightning import MIRCallback
-from mir_lightning.integrations.transformers import find_hidden_state_modules
+from mir_lightning.models.transformers import find_hidden_state_modules
 
 sys.path.insert(0, str(C.REPO / "examples"))
 import lvlm  # noqa: E402  (the example's parts and model)

@@ -380,9 +380,9 @@ def hf_trainer_fsdp_row(dev: torch.device, sc, batches, mir_same: float) -> list
     (the row says which wrapper the Trainer used)."""
     name = "MIRTrainerCallback, HF Trainer fsdp='full_shard' (1 rank)"
     try:
-        from mir_lightning.integrations.hf_trainer import MIRTrainerCallback
+        from mir_lightning.adapters.hf_trainer import MIRTrainerCallback
     except ImportError:
-        return [name, "skipped: mir_lightning.integrations.hf_trainer not present", "", "skip"]
+        return [name, "skipped: mir_lightning.adapters.hf_trainer not present", "", "skip"]
     import tempfile
 
     from transformers import Trainer, TrainingArguments

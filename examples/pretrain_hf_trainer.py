@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train(args: argparse.Namespace) -> lvlm.ProbeRun:
     from transformers import Trainer, TrainingArguments
 
-    from mir_lightning.integrations.hf_trainer import MIRTrainerCallback
+    from mir_lightning.adapters.hf_trainer import MIRTrainerCallback
 
     parts = lvlm.load_parts(args.tiny, args.n_train, args.n_probe, args.seed)
     _, probe_loader = parts.loaders(args.batch_size, seed=args.seed)

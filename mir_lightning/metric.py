@@ -42,6 +42,18 @@ DEFAULT_MEDIAN_BUFFER = 1024
 per sample), so that its outlier rule is exact."""
 
 
+def _foreach_lerp_takes_scalars() -> bool:
+    """Whether ``torch._foreach_lerp_`` takes a list of scalar weights (recent torch; 2.1 does not)."""
+    try:
+        torch._foreach_lerp_([torch.zeros(1)], [torch.ones(1)], [0.5])
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+_FOREACH_LERP_SCALARS = _foreach_lerp_takes_scalars()
+
+
 class ModalityIntegrationRate(Metric):
     r"""Modality Integration Rate (Huang et al., arXiv 2410.07167), accumulated over batches.
 
@@ -497,7 +509,11 @@ class ModalityIntegrationRate(Metric):
         for m2, d, alpha in zip(views.m2s, delta.unbind(0), cross):
             if alpha:
                 m2.addr_(d, d, alpha=alpha)
-        torch._foreach_lerp_(views.means, list(batch_means.unbind(0)), steps)
+        if _FOREACH_LERP_SCALARS:
+            torch._foreach_lerp_(views.means, list(batch_means.unbind(0)), steps)
+        else:  # older torch (2.1) has no scalar-list weights for lerp: the same update, one op per modality
+            for mean, d, step in zip(views.means, delta.unbind(0), steps):
+                mean.add_(d, alpha=step)
 
     def _norm_moments_update(self, views: LayerViews, norms: Tensor, batch: BatchIndex, seen: tuple[int, int]) -> None:
         """Count, mean and M2 of the token norms (float64 ``[n]``), both modalities at once."""

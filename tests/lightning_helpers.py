@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 
 import lightning.pytorch as pl
 import numpy as np
@@ -100,12 +101,20 @@ def reference_for(module, batches, sigma=3.0, layers=None):
     return reference_on(module.model, batches, sigma, layers)
 
 
+def _event_file_order(path: str) -> tuple:
+    """Event files in the order their writers were made: ``events.out.tfevents.<seconds>.<host>.<pid>.<n>``
+    compared as numbers (as text, a process's writer ``.10`` would sort before its writer ``.9``)."""
+    parts = os.path.basename(path).split(".")
+    numbers = [int(p) if p.isdigit() else 0 for p in (parts[3], parts[-2], parts[-1])] if len(parts) >= 6 else []
+    return (os.path.dirname(path), *numbers, path)
+
+
 def read_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
     """Every scalar in the TensorBoard event files under ``log_dir`` (tensorboard's own reader)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(glob.glob(f"{log_dir}/**/events.out.tfevents.*", recursive=True)):
+    for path in sorted(glob.glob(f"{log_dir}/**/events.out.tfevents.*", recursive=True), key=_event_file_order):
         acc = EventAccumulator(path, size_guidance={"scalars": 0, "images": 0})
         acc.Reload()
         for tag in acc.Tags()["scalars"]:

@@ -391,7 +391,7 @@ def _ddp_plateau_fit(folder):
     cb = MIRCallback(probe_dataloader=loader(make_batches(n_batches=3, seed=50)), every_n_steps=1, log_figures=False,
                      early_stopping=MIRPlateau(patience=2, min_delta=1e-6))
     trainer = pl.Trainer(strategy=_spawn_strategy(find_unused_parameters=True), accelerator="cpu", devices=2,
-                         logger=False, callbacks=[cb, RecordStop(folder), DestroyProcessGroup()], max_steps=10,
+                         logger=False, callbacks=[cb, RecordStop(folder), EndProcessGroup()], max_steps=10,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(LazyTinyLlava(), loader(make_batches(n_batches=10)))
 
