@@ -421,8 +421,7 @@ class Measurement:
         results = getattr(metric, "_results", None) if self._failure is None else None
         if metric is None or results is None:
             return
-        metric.reset()  # back to the empty placeholders (and the mask cache cleared)
-        metric._results = results  # the computed per-layer results: a few floats per layer
+        metric.release_state()  # empty placeholders; the computed per-layer results stay
         self.metric = metric
 
     def _finish(self, forwards: int) -> MIRResult:

@@ -664,6 +664,13 @@ class ModalityIntegrationRate(Metric):
         self._results = None
         self._seen = [[0] * self.num_layers for _ in MODALITIES]
         self._forget_views()
+
+    def release_state(self) -> None:
+        """Free the accumulated state (as :meth:`reset`) but keep the computed per-layer results,
+        a few floats per layer: ``per_layer_stats()`` / ``per_layer_fd()`` still answer."""
+        results = self._results
+        self.reset()
+        self._results = results
         self._input_errors = InputErrorCounts()
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "ModalityIntegrationRate":
