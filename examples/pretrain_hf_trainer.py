@@ -7,7 +7,7 @@ returns the caption loss, which is all the Trainer needs. MIR is one line::
 
     Trainer(..., callbacks=[MIRTrainerCallback(probe_loader, every_n_steps=25)])
 
-``mir`` and ``mir/fd/layer_XX`` land in ``trainer.state.log_history`` and in every ``report_to``
+``mir`` and ``mir_fd/layer_XX`` land in ``trainer.state.log_history`` and in every ``report_to``
 integration (TensorBoard shows them as ``train/mir``...).
 
     python examples/pretrain_hf_trainer.py --tiny      # random tiny parts, seconds

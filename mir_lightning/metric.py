@@ -25,8 +25,10 @@ from mir_lightning.metric_state import (
     StateSpec,
 )
 from mir_lightning.summaries import (
+    GroupGrids,
     MedianSketch,
     ModalitySummary,
+    binning_dtype,
     histogram_add,
     histogram_add_by_group,
     histogram_grid,
@@ -196,6 +198,7 @@ class ModalityIntegrationRate(Metric):
         self._seen: list[list[int]] | None = [[0] * self.num_layers for _ in MODALITIES]
         self._batch_cache: tuple[tuple[Any, ...], BatchIndex] | None = None
         self._views_cache: tuple[tuple[Tensor, ...], dict[int, LayerViews]] | None = None
+        self._grids_cache: dict[tuple[int, str], tuple[tuple[Any, ...], GroupGrids]] = {}
         self._input_errors = InputErrorCounts()
         # Big states start as empty placeholders (so torchmetrics' reset copies are tiny) and are
         # allocated on first use. They never go through torchmetrics' reductions: compute() and
@@ -461,6 +464,17 @@ class ModalityIntegrationRate(Metric):
             views = cache[1][k] = LayerViews.of(self, k)
         return views
 
+    def _group_grids(self, k: int, sketch: str, centre: Tensor, scale: Tensor, dtype: torch.dtype, bins: int
+                     ) -> GroupGrids:
+        """Layer ``k``'s histogram grids of ``sketch`` prepared for binning (both modalities),
+        rebuilt only when the grid tensors changed (a new allocation, or rebinned in place)."""
+        key = (k, sketch)
+        stamp = (centre, scale, _version(centre), _version(scale), binning_dtype(dtype))
+        cached = self._grids_cache.get(key)
+        if cached is None or not all(a is b if isinstance(a, Tensor) else a == b for a, b in zip(cached[0], stamp)):
+            cached = self._grids_cache[key] = (stamp, GroupGrids.of(centre, scale, dtype, bins))
+        return cached[1]
+
     def _fold(self, k: int, selected: Tensor, batch: BatchIndex) -> None:
         """Fold the selected tokens ``[n, D]`` of layer ``k`` (vision rows, then text rows; input
         dtype, on the metric's device; a copy this method may overwrite) into both modalities'
@@ -570,10 +584,11 @@ class ModalityIntegrationRate(Metric):
                 x = x[:, None]  # [n, 1]: one column
             grid = views.histograms.get(sketch)
             if grid is not None and all(c > capacity for c in seen):  # both on their histograms already
-                hist, centre, scale = grid
+                hist, centre, scale, group_hists = grid
                 offsets = batch.med_bin_offsets if sketch == "med" else batch.nrm_bin_offsets
                 ones = batch.med_ones if sketch == "med" else batch.nrm_ones
-                histogram_add_by_group(hist, centre, scale, x, batch.modality, offsets, bins, ones)
+                grids = self._group_grids(k, sketch, centre, scale, x.dtype, bins)
+                histogram_add_by_group(hist, grids, x, batch.counts, batch.modality, offsets, ones, group_hists)
                 continue
             for i, (part, c) in enumerate(zip(x.split(batch.counts), seen)):
                 if part.shape[0]:
@@ -657,6 +672,7 @@ class ModalityIntegrationRate(Metric):
         """Drop the cached index tensors and state views (they would keep old state alive)."""
         self._batch_cache = None
         self._views_cache = None
+        self._grids_cache = {}
 
     def reset(self) -> None:
         """Drop all accumulated state (big states go back to empty placeholders)."""

@@ -155,7 +155,8 @@ class LayerViews:
     ``norm_mean [2]``, ``norm_m2 [2]``; tails flattened over (modality, end): ``tail_rows [4 (K+1), D]``,
     ``tail_norms [4 (K+1)]``, ``tail_kept_norms [4, K]``, ``tail_dropped [4]``; exact sketch
     buffers flattened over modality: ``med_rows [2 R, D]``, ``nrm_rows [2 Rn]``; allocated
-    histograms by sketch name: ``(counts [C, 2 B], centre [2, C], scale [2, C])``."""
+    histograms by sketch name: ``(counts [C, 2 B], centre [2, C], scale [2, C], per-modality counts
+    ([C, B], [C, B]))``."""
 
     count: Tensor
     mean: Tensor
@@ -171,7 +172,7 @@ class LayerViews:
     tail_dropped: Tensor
     med_rows: Tensor
     nrm_rows: Tensor
-    histograms: dict[str, tuple[Tensor, Tensor, Tensor]]
+    histograms: dict[str, tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]]
 
     BASES: ClassVar[tuple[str, ...]] = ("count", "mean", "m2", "norm_mean", "norm_m2", "tail_rows", "tail_norms",
                                         "tail_dropped", "med_rows", "nrm_rows", "med_hist", "nrm_hist", "med_centre",
@@ -189,7 +190,8 @@ class LayerViews:
             tail_norms=tail_norms.view(-1), tail_kept_norms=tail_norms[:, :K], tail_dropped=metric.tail_dropped[k].view(4),
             med_rows=metric.med_rows[k].view(-1, D), nrm_rows=metric.nrm_rows[k].view(-1),
             histograms={
-                name: (hist[k].view(hist.shape[1], -1), getattr(metric, f"{name}_centre")[k], getattr(metric, f"{name}_scale")[k])
+                name: (hist[k].view(hist.shape[1], -1), getattr(metric, f"{name}_centre")[k], getattr(metric, f"{name}_scale")[k],
+                       hist[k].unbind(1))
                 for name in SKETCHES if (hist := getattr(metric, f"{name}_hist")).numel()
             },
         )

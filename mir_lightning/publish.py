@@ -4,7 +4,7 @@ A trainer adapter decides *when* to run the probe and *where* to log; :class:`MI
 turns each :class:`~mir_lightning.measurement.MIRResult` into the rest, the same for every
 adapter (Lightning, Hugging Face Trainer, own loops):
 
-* the tag dict (:class:`MIRTags`): ``name`` and ``{name}/{stat}/layer_{k:02d}`` scalars, and the
+* the tag dict (:class:`MIRTags`): ``name`` and ``{name}_{stat}/layer_{k:02d}`` scalars, and the
   figure tags ``{name}/per_layer`` and ``{name}/history``;
 * a typed history entry (:class:`MIRHistoryEntry`), one per measured step;
 * the figures (written to TensorBoard-style writers, errors turned into one warning);
@@ -31,7 +31,10 @@ class MIRTags:
     """The names one adapter logs under: every tag of every adapter is built here.
 
     Args:
-        name: tag of MIR itself; per-layer scalars and figures live under it.
+        name: tag of MIR itself. Per-layer scalars are ``{name}_{stat}/layer_{k:02d}``, beside
+            it rather than under it: stores that keep a metric as a file named by its key
+            (MLflow's file store) cannot hold ``mir`` and ``mir/...`` together. Figures
+            (images, not metrics) are ``{name}/per_layer`` and ``{name}/history``.
         log_layer_stats: per-layer statistics logged as scalars (keys of
             ``ModalityIntegrationRate.per_layer_stats()``); ``()`` for none.
     """
@@ -49,8 +52,8 @@ class MIRTags:
         object.__setattr__(self, "log_layer_stats", stats)
 
     def layer(self, stat: str, layer_id: int) -> str:
-        """Tag of one per-layer scalar, e.g. ``mir/fd/layer_03`` (``layer_id``: the model's layer id)."""
-        return f"{self.name}/{stat}/layer_{layer_id:02d}"
+        """Tag of one per-layer scalar, e.g. ``mir_fd/layer_03`` (``layer_id``: the model's layer id)."""
+        return f"{self.name}_{stat}/layer_{layer_id:02d}"
 
     @property
     def per_layer_figure(self) -> str:

@@ -28,9 +28,11 @@ from torch import Tensor
 
 __all__ = [
     "CorrectedMoments",
+    "GroupGrids",
     "MedianSketch",
     "ModalitySummary",
     "Tail",
+    "binning_dtype",
     "column_order_statistics",
     "combined_lower_median",
     "histogram_add",
@@ -275,38 +277,120 @@ def histogram_add(hist: Tensor, centre: Tensor, scale: Tensor, x: Tensor) -> Non
         hist.scatter_add_(1, index, ones.expand(d, m))
 
 
+def binning_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype values of ``dtype`` are binned in: their own for float32 and float64, float32
+    for the rest (half types)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+@dataclass(frozen=True)
+class GroupGrids:
+    """The grids of ``G`` groups (the modalities) that share one histogram, prepared once per
+    grid for :func:`histogram_add_by_group`: ``centre`` and ``negative_inverse`` (``-1 / scale``)
+    ``[C, G]`` in the binning dtype, the same per group as ``[C, 1]`` columns, and ``base``
+    (0-dim: the grid position of ``centre``, first edge at 1). Build with :meth:`of`."""
+
+    centre: Tensor
+    negative_inverse: Tensor
+    columns: tuple[tuple[Tensor, Tensor], ...]
+    base: Tensor
+    bins: int
+
+    @classmethod
+    def of(cls, centre: Tensor, scale: Tensor, dtype: torch.dtype, bins: int) -> "GroupGrids":
+        """From ``centre`` and ``scale`` ``[G, C]`` (see :func:`histogram_grid`); ``bins`` per group."""
+        dtype = binning_dtype(dtype)
+        centre_t = centre.to(dtype).mT.contiguous()
+        negative_inverse = scale.reciprocal().neg_().to(dtype).mT.contiguous()
+        columns = tuple(zip(centre_t.split(1, dim=1), negative_inverse.split(1, dim=1)))
+        base = torch.tensor((bins - 2) / 2 + 1.0, dtype=dtype, device=centre.device)
+        return cls(centre_t, negative_inverse, columns, base, int(bins))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.centre.dtype
+
+
+def _positions(grids: GroupGrids, difference: Tensor, negative_inverse: Tensor) -> Tensor:
+    """Clamped grid positions ``[C, m]`` from ``centre - x`` (``difference``, overwritten):
+    ``u = (x - centre) / scale``, then ``1 + (B - 2) / 2 * (1 + t / _REACH)`` with
+    ``t = u / (1 + |u|)``, clamped to the ``B`` bins. Bitwise the positions of
+    :func:`_bin_position` (signs flip exactly)."""
+    half = (grids.bins - 2) / 2
+    u = difference.mul_(negative_inverse)
+    denominator = torch.abs(u).add_(1.0)
+    return torch.addcdiv(grids.base, u, denominator, value=half / _REACH, out=denominator).clamp_(0, grids.bins - 1)
+
+
 def histogram_add_by_group(
-    hist: Tensor, centre: Tensor, scale: Tensor, x: Tensor, group: Tensor, offsets: Tensor, bins: int,
-    ones: Tensor | None = None,
+    hist: Tensor, grids: GroupGrids, x: Tensor, counts: Sequence[int], group: Tensor, offsets: Tensor,
+    ones: Tensor | None = None, group_hists: Sequence[Tensor] | None = None,
 ) -> None:
     """Count rows ``x [n, C]`` of ``G`` groups (the modalities) into ``hist [C, G * bins]`` in
-    place, each row on its group's grid (``centre``, ``scale`` ``[G, C]``; group ``g``'s bins at
-    ``g * bins``): the bins :func:`histogram_add` gives each group, in one pass for all.
+    place, each row on its group's grid (:class:`GroupGrids`; group ``g``'s bins at
+    ``g * bins``): the bins :func:`histogram_add` gives each group.
 
-    ``group [n]``: each row's group; ``offsets [1, n]``: ``group * bins``; ``ones``: optionally
-    a ``[C, n]`` view of ones of ``hist``'s dtype (made here otherwise). Rows go through in
-    chunks as in :func:`histogram_add`, transposed to ``[C, rows]`` so that each column's counts
-    are added into one contiguous row of ``hist``.
+    Rows come grouped: ``counts[g]`` rows of group ``g``, in group order. ``group [n]`` (each
+    row's group), ``offsets [1, n]`` (``group * bins``) and ``ones`` (optionally a ``[C, n]``
+    view of ones of ``hist``'s dtype) serve the gathered route, ``group_hists`` (optionally
+    ``hist``'s ``G`` views ``[C, bins]``) the per-group one.
+
+    Two routes, the same counts. On accelerators (and for one column) every row is binned at
+    once against its group's grid gathered per row: few, large kernels. On a CPU with several
+    columns each group's rows are binned against its own ``[C, 1]`` grid columns, in chunks of
+    ~256K values transposed to ``[C, rows]`` so that each column's counts go into one
+    contiguous histogram row: no per-row grid is materialised (1.8x faster at D = 512).
     """
     n, columns = x.shape
     if not n:
         return
-    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    centre, inverse = centre.to(dtype), scale.reciprocal().to(dtype)
+    dtype, bins = grids.dtype, grids.bins
     rows = min(n, _chunk_rows(columns, x.device))
-    for start in range(0, n, rows):
-        chunk, ids, shift = x, group, offsets
-        if rows < n:
-            chunk, ids, shift = x[start : start + rows], group[start : start + rows], offsets[:, start : start + rows]
-        m = chunk.shape[0]
-        # into [C, rows] buffers: the columns' values, then their bin indices, lie contiguous (3x faster on CPU)
-        buffers = (torch.empty(columns, m, dtype=dtype, device=x.device), torch.empty(columns, m, dtype=dtype, device=x.device))
-        pos = _bin_position(chunk.mT.to(dtype), centre.index_select(0, ids).mT, inverse.index_select(0, ids).mT, bins,
-                            offset=1.0, buffers=buffers).clamp_(0, bins - 1)
-        index = pos.to(torch.long).add_(shift)  # truncation = floor (pos >= 0)
-        if ones is None or rows < n:
-            ones = torch.ones((), dtype=hist.dtype, device=hist.device).expand_as(index)
-        hist.scatter_add_(1, index, ones)
+    if fixed_shapes(x.device) or columns == 1:
+        for start in range(0, n, rows):
+            chunk, ids, shift, count = x, group, offsets, ones
+            if rows < n:
+                end = start + rows
+                chunk, ids, shift, count = x[start:end], group[start:end], offsets[:, start:end], None
+            difference = torch.sub(grids.centre.index_select(1, ids), chunk.mT)  # [C, m], laid out as the grids
+            pos = _positions(grids, difference, grids.negative_inverse.index_select(1, ids))
+            index = pos.to(torch.long).add_(shift)  # truncation = floor (pos >= 0)
+            if count is None:
+                count = torch.ones((), dtype=hist.dtype, device=hist.device).expand_as(index)
+            hist.scatter_add_(1, index, count)
+        return
+    if group_hists is None:
+        group_hists = hist.view(columns, len(counts), bins).unbind(1)
+    x_t = x.mT
+    if max(counts) <= rows:  # one chunk per group: buffers for all rows, split by group
+        u_buffer = torch.empty(columns, n, dtype=dtype, device=x.device)
+        if ones is None:
+            ones = torch.ones((), dtype=hist.dtype, device=hist.device).expand(columns, n)
+        split = zip(x_t.split(counts, 1), u_buffer.split(counts, 1), ones.split(counts, 1))
+        pieces = [[piece] for piece in split]
+    else:
+        u_buffer = torch.empty(columns, rows, dtype=dtype, device=x.device)
+        pieces = _group_chunks(x_t, u_buffer, counts, rows, hist.dtype)
+    for (centre, negative_inverse), group_hist, group_pieces in zip(grids.columns, group_hists, pieces):
+        for values, u, count in group_pieces:
+            pos = _positions(grids, torch.sub(centre, values, out=u), negative_inverse)
+            group_hist.scatter_add_(1, pos.to(torch.long), count)
+
+
+def _group_chunks(x_t: Tensor, u_buffer: Tensor, counts: Sequence[int], rows: int, count_dtype: torch.dtype
+                  ) -> list[list[tuple[Tensor, Tensor, Tensor]]]:
+    """Per group, its chunks of at most ``rows`` columns of ``x_t [C, n]``, each with the
+    matching view of the ``[C, rows]`` buffer and ones of ``count_dtype`` to count with."""
+    one = torch.ones((), dtype=count_dtype, device=x_t.device)
+    chunks, first = [], 0
+    for count in counts:
+        group = []
+        for start in range(first, first + count, rows):
+            m = min(rows, first + count - start)
+            group.append((x_t[:, start : start + m], u_buffer[:, :m], one.expand(x_t.shape[0], m)))
+        chunks.append(group)
+        first += count
+    return chunks
 
 
 def _histogram_cdf(cum: Tensor, centre: Tensor, inverse_scale: Tensor, v: Tensor) -> Tensor:

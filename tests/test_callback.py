@@ -46,7 +46,7 @@ def test_logged_mir_equals_reference_and_sanity_check_logs_nothing(tmp_path):
     ref_mir, ref_fd, _ = reference_for(module, batches)  # weights after the last step = weights at step 6
     assert abs(scalars["mir"][-1][1] - ref_mir) < 1e-5  # TensorBoard stores float32
     assert abs(cb.history[-1]["mir"] - ref_mir) < 1e-6
-    layer_tags = sorted(t for t in scalars if t.startswith("mir/fd/layer_"))
+    layer_tags = sorted(t for t in scalars if t.startswith("mir_fd/layer_"))
     assert len(layer_tags) == len(ref_fd)
     for k, tag in enumerate(layer_tags):
         assert math.isclose(scalars[tag][-1][1], ref_fd[k], rel_tol=1e-5)
@@ -68,7 +68,7 @@ def test_explicit_layers_masks_and_layer_subset(tmp_path):
     trainer.validate(module, loader(batches), verbose=False)
     ref_mir, _, _ = reference_for(module, batches, layers=[0, 2])
     assert abs(float(trainer.callback_metrics["mir"]) - ref_mir) < 1e-6  # works with logger=False
-    assert "mir/fd/layer_02" in trainer.callback_metrics and "mir/fd/layer_01" not in trainer.callback_metrics
+    assert "mir_fd/layer_02" in trainer.callback_metrics and "mir_fd/layer_01" not in trainer.callback_metrics
 
 
 def test_probe_dataloader_and_step_output(tmp_path):
@@ -99,7 +99,7 @@ def test_probe_dataloader_and_step_output(tmp_path):
     trainer.validate(module2, loader(batches), verbose=False)
     ref_mir, _, _ = reference_for(module2, batches, layers=[0, 2])
     assert abs(float(trainer.callback_metrics["mir"]) - ref_mir) < 1e-6
-    assert "mir/fd/layer_02" in trainer.callback_metrics and "mir/fd/layer_01" not in trainer.callback_metrics
+    assert "mir_fd/layer_02" in trainer.callback_metrics and "mir_fd/layer_01" not in trainer.callback_metrics
     assert cb3.history[-1]["layers"] == [0, 2]
 
 
@@ -124,8 +124,8 @@ def test_every_n_train_steps_without_validation(tmp_path):
     # once per probe, at its optimizer step (not at every micro-batch of the accumulation)
     assert [s for s, _ in scalars["mir"]] == [2, 4]
     assert all(abs(v - ref_mir) < 1e-6 for _, v in scalars["mir"])  # TensorBoard stores float32
-    assert [s for s, _ in scalars["mir/fd/layer_02"]] == [2, 4]
-    assert math.isclose(scalars["mir/fd/layer_02"][-1][1], ref_fd[2], rel_tol=1e-6)
+    assert [s for s, _ in scalars["mir_fd/layer_02"]] == [2, 4]
+    assert math.isclose(scalars["mir_fd/layer_02"][-1][1], ref_fd[2], rel_tol=1e-6)
     assert [h["step"] for h in cb.history] == [2, 4]
     assert all(math.isclose(h["mir"], ref_mir, rel_tol=1e-9) for h in cb.history)  # measured 1e-15
     assert math.isclose(float(trainer.callback_metrics["mir"]), ref_mir, rel_tol=1e-9)

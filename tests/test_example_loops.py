@@ -35,7 +35,7 @@ def test_custom_loop_probe_equals_reference(tmp_path):
     scalars = read_scalars(str(tmp_path))
     assert [s for s, _ in scalars["mir"]] == [0, 2, 4]
     assert [v for _, v in scalars["mir"]] == pytest.approx([r["mir"] for r in result.rows], rel=1.2e-7)  # float32
-    assert len([t for t in scalars if t.startswith("mir/fd/layer_")]) == 4
+    assert len([t for t in scalars if t.startswith("mir_fd/layer_")]) == 4
 
 
 def test_hf_trainer_example_probe_equals_reference(tmp_path):
@@ -46,6 +46,6 @@ def test_hf_trainer_example_probe_equals_reference(tmp_path):
     assert not any("eval_loss" in entry for entry in result.log_history)  # evaluation is off
     mir, fd, _ = lvlm_reference(result.model, result.probe_loader)
     assert abs(result.rows[-1]["mir"] - mir) < TOL
-    assert [result.rows[-1][f"mir/fd/layer_{k:02d}"] for k in range(4)] == pytest.approx(fd, rel=1e-9)
+    assert [result.rows[-1][f"mir_fd/layer_{k:02d}"] for k in range(4)] == pytest.approx(fd, rel=1e-9)
     scalars = read_scalars(str(tmp_path))
     assert [s for s, _ in scalars["train/mir"]] == [2, 4]

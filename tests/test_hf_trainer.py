@@ -62,8 +62,8 @@ def assert_equals_reference(entry, reference, tol=TOL):
     mir, fds, ratios = reference
     assert abs(entry["mir"] - mir) < tol
     for k in range(len(fds)):
-        assert abs(entry[f"mir/fd/layer_{k:02d}"] - fds[k]) < tol * fds[k]
-        assert abs(entry[f"mir/norm_ratio/layer_{k:02d}"] - ratios[k]) < tol
+        assert abs(entry[f"mir_fd/layer_{k:02d}"] - fds[k]) < tol * fds[k]
+        assert abs(entry[f"mir_norm_ratio/layer_{k:02d}"] - ratios[k]) < tol
 
 
 def test_mir_every_n_steps_with_evaluation_off(tmp_path, monkeypatch, reference):
@@ -82,8 +82,8 @@ def test_mir_every_n_steps_with_evaluation_off(tmp_path, monkeypatch, reference)
     scalars = read_scalars(str(tmp_path / "tb"))
     assert [(s, v) for s, v in scalars["train/mir"]] == [(e["step"], float(np.float32(e["mir"]))) for e in logged]
     for k, fd in enumerate(reference[1]):
-        assert [s for s, _ in scalars[f"train/mir/fd/layer_{k:02d}"]] == [2, 4, 6]
-        assert all(abs(v - fd) < 1e-6 * fd for _, v in scalars[f"train/mir/fd/layer_{k:02d}"])  # float32 storage
+        assert [s for s, _ in scalars[f"train/mir_fd/layer_{k:02d}"]] == [2, 4, 6]
+        assert all(abs(v - fd) < 1e-6 * fd for _, v in scalars[f"train/mir_fd/layer_{k:02d}"])  # float32 storage
     assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6]
     # figures under the same train/ prefix as the scalars (before: "mir/per_layer", "mir/history")
     assert read_image_tags(str(tmp_path / "tb")) == {"train/mir/per_layer": [2, 4, 6], "train/mir/history": [2, 4, 6]}
@@ -236,7 +236,7 @@ def test_name_and_log_figures_options(tmp_path, monkeypatch, reference):
     logged = [e for e in trainer.state.log_history if "mir_probe" in e]
     assert [e["step"] for e in logged] == [2, 4] and not mir_entries(trainer.state.log_history)
     assert abs(logged[-1]["mir_probe"] - reference[0]) < TOL
-    assert abs(logged[-1]["mir_probe/fd/layer_01"] - reference[1][1]) < TOL * reference[1][1]
+    assert abs(logged[-1]["mir_probe_fd/layer_01"] - reference[1][1]) < TOL * reference[1][1]
     scalars = read_scalars(str(tmp_path / "tb"))
     assert [s for s, _ in scalars["train/mir_probe"]] == [2, 4]
     assert read_image_tags(str(tmp_path / "tb")) == {}  # log_figures=False: no figure (before: refused)

@@ -84,7 +84,7 @@ def test_mir_in_llamafactory_log_history(environment, tmp_path):
     for entry in logged:
         assert entry["mir"] == pytest.approx(mir, rel=TOL)
         for k, fd in enumerate(fds):
-            assert entry[f"mir/fd/layer_{k:02d}"] == pytest.approx(fd, rel=TOL)
+            assert entry[f"mir_fd/layer_{k:02d}"] == pytest.approx(fd, rel=TOL)
     # LLaMA-Factory's own trainer_log.jsonl keeps a fixed set of keys (loss, lr, ...): MIR is
     # not there, only in log_history (trainer_state.json) and the Trainer's report_to loggers
     lines = [json.loads(line) for line in (work / "out" / "trainer_log.jsonl").read_text().splitlines()]

@@ -182,7 +182,7 @@ def test_llava_trainer_logs_mir_equal_to_the_reference(tmp_path, vision_tower_di
     mir, fds = reference_on(trainer.model, probe_batches())
     assert abs(logged[1]["mir"] - mir) < TOL
     for k, fd in enumerate(fds):
-        assert abs(logged[1][f"mir/fd/layer_{k:02d}"] - fd) < TOL * max(fd, 1.0)
+        assert abs(logged[1][f"mir_fd/layer_{k:02d}"] - fd) < TOL * max(fd, 1.0)
     assert np.isfinite(mir)
 
 

@@ -41,7 +41,7 @@ def test_probes_every_n_steps_logs_the_reference_and_stops_on_the_plateau():
     assert [s for s, _ in writer.scalars["mir"]] == [2, 4, 6]
     assert all(abs(v - ref_mir) < 1e-9 for _, v in writer.scalars["mir"])
     for k, fd in enumerate(ref_fd):
-        assert math.isclose(writer.scalars[f"mir/fd/layer_{k:02d}"][-1][1], fd, rel_tol=1e-9)
+        assert math.isclose(writer.scalars[f"mir_fd/layer_{k:02d}"][-1][1], fd, rel_tol=1e-9)
     assert ("mir/per_layer", 2) in writer.figures and ("mir/history", 6) in writer.figures
     assert [h.step for h in adapter.history] == [2, 4, 6]
 

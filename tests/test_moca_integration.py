@@ -103,7 +103,7 @@ def test_trainer_callback_logs_the_calibrated_mir(tmp_path):
     reference_model, _ = make_tiny_vlm("llava", seed=SEED)
     calibrate(MoCa.attach(reference_model))
     expected = reference_on_received(reference_model, probe_batches())
-    fds = [logged[0][f"mir/fd/layer_{k:02d}"] for k in range(len(expected[1]))]
+    fds = [logged[0][f"mir_fd/layer_{k:02d}"] for k in range(len(expected[1]))]
     assert_close(logged[0]["mir"], fds, expected)
     reference_model.moca.remove()
     assert abs(logged[0]["mir"] - reference_on_received(reference_model, probe_batches())[0]) > UNCALIBRATED_GAP

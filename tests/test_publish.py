@@ -41,8 +41,8 @@ def parameters(cls) -> dict[str, inspect.Parameter]:
 # ------------------------------------------------------------------ the core
 def test_tags_use_the_models_layer_ids_and_the_name():
     published = MIRPublisher("mir_probe", ("fd",)).publish(7, result(layers=(0, 2, 5)))
-    assert published.scalars == {"mir_probe": 0.5, "mir_probe/fd/layer_00": 0.0, "mir_probe/fd/layer_02": 1.0,
-                                 "mir_probe/fd/layer_05": 2.0}
+    assert published.scalars == {"mir_probe": 0.5, "mir_probe_fd/layer_00": 0.0, "mir_probe_fd/layer_02": 1.0,
+                                 "mir_probe_fd/layer_05": 2.0}
     assert MIRTags("mir").per_layer_figure == "mir/per_layer" and MIRTags("x").history_figure == "x/history"
 
 

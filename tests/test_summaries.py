@@ -10,8 +10,10 @@ from mir_lightning import summaries
 from mir_lightning.summaries import (
     GRID_SPREAD,
     GRID_ZOOM,
+    GroupGrids,
     column_order_statistics,
     histogram_add,
+    histogram_add_by_group,
     histogram_grid,
     tails_update,
 )
@@ -69,6 +71,32 @@ def test_histogram_counts_match_numpy_binning(chunk_rows, monkeypatch):
             mid = np.searchsorted(edges, np.median(xs[:500, j]))
             uniform = (edges[-1] - edges[0]) / (bins - 2)
             assert edges[mid] - edges[mid - 1] < 0.2 * uniform
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("chunk_rows", [None, 97])
+def test_grouped_histogram_counts_each_group_as_histogram_add_does(fixed, chunk_rows, monkeypatch):
+    """Both routes of histogram_add_by_group (gathered grids on accelerators, per group on CPU),
+    in one chunk or many, count each group's rows exactly as histogram_add counts them alone."""
+    monkeypatch.setattr(summaries, "fixed_shapes", lambda device: fixed)
+    if chunk_rows is not None:
+        monkeypatch.setattr(summaries, "_chunk_rows", lambda columns, device: chunk_rows)
+    g = torch.Generator().manual_seed(3)
+    bins, columns = 48, 7
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        for counts in ((300, 120), (0, 250), (90, 0)):
+            groups = [(torch.randn(c, columns, generator=g, dtype=torch.float64) * (1 + i) + 3 * i).to(dtype)
+                      for i, c in enumerate(counts)]
+            grid_rows = [torch.randn(64, columns, generator=g, dtype=torch.float64) * (1 + i) + 3 * i for i in range(2)]
+            centre, scale = (torch.stack(part) for part in zip(*(histogram_grid(r) for r in grid_rows)))
+            want = torch.zeros(columns, 2, bins, dtype=torch.int32)
+            for i, rows in enumerate(groups):
+                histogram_add(want[:, i], centre[i], scale[i], rows)
+            got = torch.zeros(columns, 2 * bins, dtype=torch.int32)
+            group = torch.cat([torch.full((c,), i) for i, c in enumerate(counts)])
+            histogram_add_by_group(got, GroupGrids.of(centre, scale, dtype, bins), torch.cat(groups), counts, group,
+                                   (group * bins)[None])
+            assert torch.equal(got.view(columns, 2, bins), want), (dtype, counts)
 
 
 def test_column_order_statistics_match_numpy_sort():

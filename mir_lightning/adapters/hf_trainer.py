@@ -9,7 +9,7 @@ The callback runs :class:`~mir_lightning.probe.MIRProbe` on a fixed probe set ev
 ``every_n_steps`` optimizer steps (whatever ``eval_strategy`` is, ``"no"`` included) and
 after each evaluation, and logs through the Trainer's own ``log`` so that ``mir`` and the
 per-layer values reach ``trainer.state.log_history`` and every ``report_to`` integration
-(TensorBoard stores them as ``train/mir``, ``train/mir/fd/layer_00``...).
+(TensorBoard stores them as ``train/mir``, ``train/mir_fd/layer_00``...).
 
 Callbacks are not handed the Trainer: at ``on_train_begin`` (or the first probe) the callback
 finds the Trainer that holds it on the call stack. Should that ever fail, it still appends its
@@ -88,7 +88,7 @@ class MIRTrainerCallback(TrainerCallback):
 
     * ``{name}`` (default ``mir``): log10 of the per-layer Fréchet distances' sum (NaN when
       the probe failed);
-    * ``{name}/{stat}/layer_{k:02d}`` for each ``stat`` in ``log_layer_stats``;
+    * ``{name}_{stat}/layer_{k:02d}`` for each ``stat`` in ``log_layer_stats``;
     * on TensorBoard also the figures ``train/{name}/per_layer`` and ``train/{name}/history``
       (layer x step), next to the scalars (``train/{name}``...).
 

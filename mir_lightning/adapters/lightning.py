@@ -34,7 +34,7 @@ class MIRCallback(Callback):
     Every value is logged once per measurement, at ``trainer.global_step`` (the number of
     optimizer steps taken; a resumed run continues the same numbering), straight to every
     Lightning logger: ``name`` (default ``"mir"``) and per-layer values
-    ``{name}/{stat}/layer_{k:02d}`` (k: the model's layer id). The same keys are put in
+    ``{name}_{stat}/layer_{k:02d}`` (k: the model's layer id). The same keys are put in
     ``trainer.callback_metrics``, where ``EarlyStopping``, ``MIREarlyStopping`` and
     ``ModelCheckpoint`` read them (``trainer.validate`` does not return them: read
     ``trainer.callback_metrics`` or :attr:`history`). On TensorBoard it also writes a
