@@ -6,6 +6,8 @@ Shared by every path that measures MIR on a model's own forwards (``MIRProbe``, 
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -61,13 +63,18 @@ class LocalTokens:
         return vision_mask[r0:r1, p0:p1], text_mask[r0:r1, p0:p1]
 
 
+_DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")  # torch >= 2.4; 2.1-2.3
+
+
 def is_dtensor(tensor: Any) -> bool:
-    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor``."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(tensor, DTensor)
+    """Whether ``tensor`` is a ``DTensor``. Nothing is imported: a DTensor exists only once its
+    module is loaded (an import here would cost ~0.5 s, and fail under torch.compile on torch
+    2.1, which has ``torch.distributed.tensor`` without ``DTensor``)."""
+    for name in _DTENSOR_MODULES:
+        cls = getattr(sys.modules.get(name), "DTensor", None)
+        if cls is not None and isinstance(tensor, cls):
+            return True
+    return False
 
 
 def local_tokens(hidden: Tensor) -> LocalTokens:
@@ -191,7 +198,9 @@ class LayerCapture:
                 self.calls[index] += 1
                 sink(index, hidden_from_output(output).detach())
 
-        return hook
+        # under torch.compile the hook runs eagerly (a graph break while the probe runs): the
+        # metric is never traced into the model's graph (torch 2.1's dynamo failed on it)
+        return torch.compiler.disable(hook) if hasattr(torch, "compiler") else hook
 
     def activate(self, active: bool = True) -> None:
         """Start (or stop) handing outputs to the sink; starting resets :attr:`calls`."""
