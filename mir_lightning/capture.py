@@ -199,8 +199,10 @@ class LayerCapture:
                 sink(index, hidden_from_output(output).detach())
 
         # under torch.compile the hook runs eagerly (a graph break while the probe runs): the
-        # metric is never traced into the model's graph (torch 2.1's dynamo failed on it)
-        return torch.compiler.disable(hook) if hasattr(torch, "compiler") else hook
+        # metric is never traced into the model's graph (torch 2.1's dynamo failed on it). A
+        # compiled model has loaded dynamo; without it nothing is imported (that costs ~1.7 s)
+        dynamo = sys.modules.get("torch._dynamo")
+        return dynamo.disable(hook) if dynamo is not None else hook
 
     def activate(self, active: bool = True) -> None:
         """Start (or stop) handing outputs to the sink; starting resets :attr:`calls`."""
