@@ -14,9 +14,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from mir_lightning.models.llava import llava_masks
 from mir_lightning.models.transformers import (
+    HFLlavaSplice,
     find_hidden_state_modules,
     find_image_token_id,
+    hf_llava_splice,
     masks_from_batch,
     unwrap_module,
 )
@@ -256,11 +259,14 @@ class CaptureTargets:
             hidden states ``[B, T, D]`` (the real layers, not their training wrappers).
         layer_ids: index of each among all the model's hidden-state layers.
         image_token_id: id of the image placeholder token (``None`` when not found).
+        splice: how the model splices image features into its decoder's input, when it
+            does (a Hugging Face LLaVA of transformers < 4.44), else ``None``.
     """
 
     modules: list[nn.Module]
     layer_ids: list[int]
     image_token_id: int | None
+    splice: HFLlavaSplice | None = None
 
 
 def _candidate_models(model: nn.Module) -> Iterable[nn.Module]:
@@ -323,7 +329,8 @@ def resolve_targets(
     ids = select_layers(range(len(modules)), layer_indices)
     if image_token_id is None and find_image_token:
         image_token_id = _auto_image_token(model)
-    return CaptureTargets([modules[i] for i in ids], ids, image_token_id)
+    splice = hf_llava_splice(model) if find_image_token else None
+    return CaptureTargets([modules[i] for i in ids], ids, image_token_id, splice)
 
 
 # ---------------------------------------------------------------------------- masks
@@ -340,7 +347,10 @@ class MaskRule:
 
     1. ``masks(batch) -> (vision_mask, text_mask)`` when given;
     2. the batch's ``vision_mask`` / ``text_mask`` entries;
-    3. :func:`~mir_lightning.models.transformers.build_masks` on ``input_ids`` with
+    3. for a model that splices one ``<image>`` token per image into its features
+       (``splice``, a Hugging Face LLaVA of transformers < 4.44):
+       :func:`~mir_lightning.models.llava.llava_masks` on ``input_ids`` with its layout;
+    4. :func:`~mir_lightning.models.transformers.build_masks` on ``input_ids`` with
        ``image_token_id`` (and the batch's ``attention_mask``, and ``position_ids`` /
        ``cu_seqlens`` as sample boundaries of packed rows), text per ``text_tokens``.
     """
@@ -348,6 +358,7 @@ class MaskRule:
     masks: MaskFn | None = None
     image_token_id: int | None = None
     text_tokens: str = "after_image"
+    splice: HFLlavaSplice | None = None
 
     def __call__(self, batch: Any) -> tuple[Tensor, Tensor]:
         """``(vision_mask, text_mask)``, bool ``[B, T]``."""
@@ -358,7 +369,12 @@ class MaskRule:
         if found is not None:
             return found
         if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), Tensor):
-            _refuse_spliced_layout(batch["input_ids"])
+            ids = batch["input_ids"]
+            if self.splice is not None and self.splice.applies_to(ids):
+                return llava_masks(ids, batch.get("attention_mask"), tokens_per_image=self.splice.tokens_per_image,
+                                   image_token_index=self.splice.image_token_index,
+                                   padding_side=self.splice.padding_side(ids), text=self.text_tokens)
+            _refuse_spliced_layout(ids)
         if isinstance(batch, Mapping) and "input_ids" in batch and self.image_token_id is not None:
             return masks_from_batch(batch, self.image_token_id, text=self.text_tokens)
         raise ValueError(

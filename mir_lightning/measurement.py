@@ -205,7 +205,7 @@ class Measurement:
                 model, self.layers, self.layer_indices, self.image_token_id, find_image_token=self.masks is None
             )
             self.targets, self._model_id, self.layer_ids = targets, id(model), list(targets.layer_ids)
-            self._rule = MaskRule(self.masks, targets.image_token_id, self.text_tokens)
+            self._rule = MaskRule(self.masks, targets.image_token_id, self.text_tokens, targets.splice)
             if self.hidden_size is None:
                 self.hidden_size = infer_hidden_size(targets.modules)
         return self.targets

@@ -1,7 +1,8 @@
 """Hugging Face LLaVA before transformers 4.44 (CI's oldest pins: 4.37.2): its forward splices
 one ``<image>`` token per image into the image features, as the original LLaVA codebase does,
 so ``llava_mask_fn(tokens_per_image, image_token_index=config.image_token_index)`` gives the
-masks; MIRProbe with it = the float64 reference on the spliced tokens.
+masks, and MIRProbe finds the same masks itself (``hf_llava_splice``); both = the float64
+reference on the spliced tokens.
 
 The reference masks come from transformers' own splice (``_merge_input_ids_with_image_features``
 given a distinct label per position: image features get ``ignore_index``), not from
@@ -71,7 +72,7 @@ def spliced_masks(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return vision, text
 
 
-def test_hf_llava_splice_with_llava_mask_fn_equals_the_reference():
+def test_hf_llava_splice_with_llava_mask_fn_or_automatic_masks_equals_the_reference():
     model = make_model()
     batches = [batch([40, 36, 30], [2, 5, 1], seed=1), batch([44, 30], [3, 6], seed=2)]  # text > hidden 64: full rank
     vision, text = [], []
@@ -86,8 +87,8 @@ def test_hf_llava_splice_with_llava_mask_fn_equals_the_reference():
     mir, fds, _ = reference_mir([torch.cat(x) for x in zip(*vision)], [torch.cat(x) for x in zip(*text)])
 
     masks = llava_mask_fn(TOKENS_PER_IMAGE, padding_side="right", image_token_index=IMAGE_TOKEN_ID)
-    result = MIRProbe(batches, masks=masks).run(model)
-    assert result.error is None, result.error
-    assert abs(result.mir - mir) < TOL * max(abs(mir), 1.0)
-    for got, want in zip(result.per_layer_fd.tolist(), fds):
-        assert abs(got - want) < TOL * max(want, 1.0)
+    for result in (MIRProbe(batches, masks=masks).run(model), MIRProbe(batches).run(model)):  # given, automatic
+        assert result.error is None, result.error
+        assert abs(result.mir - mir) < TOL * max(abs(mir), 1.0)
+        for got, want in zip(result.per_layer_fd.tolist(), fds):
+            assert abs(got - want) < TOL * max(want, 1.0)

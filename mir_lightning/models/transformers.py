@@ -22,6 +22,7 @@ bare causal LMs (Llama).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +32,9 @@ __all__ = [
     "find_decoder_layers",
     "find_final_norm",
     "find_hidden_state_modules",
+    "HFLlavaSplice",
     "find_image_token_id",
+    "hf_llava_splice",
     "build_masks",
     "masks_from_batch",
     "sample_starts",
@@ -433,3 +436,43 @@ def masks_from_batch(
         batch["input_ids"], image_token_id, batch.get("attention_mask"), text=text,
         position_ids=batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"),
     )
+
+
+@dataclass(frozen=True)
+class HFLlavaSplice:
+    """How a Hugging Face LLaVA of transformers < 4.44 lays out its decoder's input: ``forward``
+    replaces each single ``image_token_index`` token by ``tokens_per_image`` image features (the
+    original LLaVA codebase's layout), padding on the left when no row ends with ``pad_token_id``
+    (transformers' own rule), else on the right."""
+
+    tokens_per_image: int
+    image_token_index: int
+    pad_token_id: int
+
+    def padding_side(self, input_ids: torch.Tensor) -> str:
+        """``"left"`` or ``"right"``, as transformers' splice decides for ``input_ids [B, T]``."""
+        return "right" if bool((input_ids[:, -1] == self.pad_token_id).any()) else "left"
+
+    def applies_to(self, input_ids: torch.Tensor) -> bool:
+        """Whether ``forward`` splices this batch: fewer image tokens per row than one image's
+        features (rows expanded by a newer processor are left as they are)."""
+        per_row = (input_ids == self.image_token_index).sum(1)
+        return bool(per_row.any()) and int(per_row.max()) < self.tokens_per_image
+
+
+def hf_llava_splice(model: nn.Module) -> HFLlavaSplice | None:
+    """The :class:`HFLlavaSplice` of a Hugging Face ``LlavaForConditionalGeneration`` whose
+    ``forward`` splices one ``<image>`` token per image (transformers < 4.44, which have
+    ``_merge_input_ids_with_image_features``), ``None`` for any other model."""
+    hf = unwrap_hf_model(model) if _is_hf_model(unwrap_module(model)) else unwrap_module(model)
+    merge = getattr(type(hf), "_merge_input_ids_with_image_features", None)
+    config = getattr(hf, "config", None)
+    vision = getattr(config, "vision_config", None)
+    if merge is None or type(hf).__name__ != "LlavaForConditionalGeneration" or vision is None:
+        return None
+    patches = (int(vision.image_size) // int(vision.patch_size)) ** 2
+    full = getattr(config, "vision_feature_select_strategy", "default") == "full"
+    pad = getattr(hf, "pad_token_id", None)
+    if pad is None:
+        pad = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else -1
+    return HFLlavaSplice(patches + int(full), int(config.image_token_index), int(pad))
