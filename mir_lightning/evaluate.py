@@ -242,8 +242,8 @@ def _check_model_dir(model_dir: str | os.PathLike) -> None:
 
 
 def _resolve_model_class(config: Any, arch: str, model_dir: str) -> Any:
-    """``AutoModelForImageTextToText`` when it maps ``config``, else the class the config names
-    (only for configs with a ``vision_config``)."""
+    """``AutoModelForImageTextToText`` when it maps ``config``, else (also where transformers has
+    no such auto class) the class the config names (only for configs with a ``vision_config``)."""
     import transformers
 
     try:
@@ -251,8 +251,8 @@ def _resolve_model_class(config: Any, arch: str, model_dir: str) -> Any:
 
         if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
             return transformers.AutoModelForImageTextToText
-    except ImportError:  # pragma: no cover - layout of older transformers
-        return transformers.AutoModelForImageTextToText
+    except ImportError:  # transformers < 4.46 has no image-text-to-text auto class: the config's class
+        pass
     if getattr(config, "vision_config", None) is not None:
         for name in getattr(config, "architectures", None) or []:
             cls = getattr(transformers, name, None)
@@ -356,7 +356,11 @@ def llm_dimensions(model: Any) -> tuple[int, int]:
     Raises:
         InputError: the text config has no ``num_hidden_layers`` / ``hidden_size``.
     """
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        text_config = config.get_text_config()
+    else:  # transformers < 4.45: a VLM config holds its LLM's as text_config
+        text_config = getattr(config, "text_config", None) or config
     try:
         return int(text_config.num_hidden_layers), int(text_config.hidden_size)
     except (AttributeError, TypeError) as exc:

@@ -517,8 +517,10 @@ def build_prompt(processor: Any, text: str) -> str:
     )
     if template:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        # processors of transformers < 4.44 have no apply_chat_template: their tokenizer's
+        templater = processor if hasattr(processor, "apply_chat_template") else getattr(processor, "tokenizer", None)
         try:
-            return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # noqa: BLE001
             warnings.warn(f"chat template failed ({exc}); using an image placeholder + text", stacklevel=2)
     placeholder = getattr(processor, "image_token", None) or "<image>"
