@@ -96,7 +96,10 @@ def test_hf_llava_splice_with_llava_mask_fn_or_automatic_masks_equals_the_refere
     batches = [batch([40, 36, 30], [2, 5, 1], seed=1), batch([44, 30], [3, 6], seed=2)]  # text > hidden 64: full rank
     mir, fds = spliced_reference(model, batches)
     masks = llava_mask_fn(TOKENS_PER_IMAGE, padding_side="right", image_token_index=IMAGE_TOKEN_ID)
-    for result in (MIRProbe(batches, masks=masks).run(model), MIRProbe(batches).run(model)):  # given, automatic
+    wrapped = torch.nn.ModuleDict({"vlm": model})  # found through a wrapper, as in a LightningModule
+    wrapped.forward = lambda **batch: model(**batch)
+    results = [MIRProbe(batches, masks=masks).run(model), MIRProbe(batches).run(model), MIRProbe(batches).run(wrapped)]
+    for result in results:  # masks given, automatic, automatic through a wrapper
         assert result.error is None, result.error
         assert abs(result.mir - mir) < TOL * max(abs(mir), 1.0)
         for got, want in zip(result.per_layer_fd.tolist(), fds):

@@ -464,7 +464,10 @@ def hf_llava_splice(model: nn.Module) -> HFLlavaSplice | None:
     """The :class:`HFLlavaSplice` of a Hugging Face ``LlavaForConditionalGeneration`` whose
     ``forward`` splices one ``<image>`` token per image (transformers < 4.44, which have
     ``_merge_input_ids_with_image_features``), ``None`` for any other model."""
-    hf = unwrap_hf_model(model) if _is_hf_model(unwrap_module(model)) else unwrap_module(model)
+    try:
+        hf = unwrap_hf_model(model)  # through wrappers (LightningModule, peft, DDP, ...)
+    except ValueError:
+        return None
     merge = getattr(type(hf), "_merge_input_ids_with_image_features", None)
     config = getattr(hf, "config", None)
     vision = getattr(config, "vision_config", None)
