@@ -406,9 +406,9 @@ class ModalityIntegrationRate(Metric):
     def _batch_index(self, vision_mask: Tensor, text_mask: Tensor, device: torch.device) -> BatchIndex:
         """The positions of both masks and the fold's index tensors, built once per mask pair (the
         one place a batch waits for the device: the number of selected positions)."""
-        key = (vision_mask, text_mask, _version(vision_mask), _version(text_mask), device)
+        key = _stamp((vision_mask, text_mask), device)
         cache = self._batch_cache
-        if cache is not None and all(a is b if isinstance(a, Tensor) else a == b for a, b in zip(cache[0], key)):
+        if cache is not None and _same_stamp(cache[0], key):
             return cache[1]
         vision, text = vision_mask.to(device), text_mask.to(device)
         self._input_errors.add_both_masks((vision & text).sum())
@@ -469,9 +469,9 @@ class ModalityIntegrationRate(Metric):
         """Layer ``k``'s histogram grids of ``sketch`` prepared for binning (both modalities),
         rebuilt only when the grid tensors changed (a new allocation, or rebinned in place)."""
         key = (k, sketch)
-        stamp = (centre, scale, _version(centre), _version(scale), binning_dtype(dtype))
+        stamp = _stamp((centre, scale), binning_dtype(dtype))
         cached = self._grids_cache.get(key)
-        if cached is None or not all(a is b if isinstance(a, Tensor) else a == b for a, b in zip(cached[0], stamp)):
+        if cached is None or not _same_stamp(cached[0], stamp):
             cached = self._grids_cache[key] = (stamp, GroupGrids.of(centre, scale, dtype, bins))
         return cached[1]
 
@@ -920,3 +920,14 @@ def _version(tensor: Tensor) -> int | None:
     """In-place modification counter of ``tensor`` (None for inference tensors, which have none:
     the mask cache then relies on identity alone)."""
     return None if tensor.is_inference() else tensor._version
+
+
+def _stamp(tensors: Sequence[Tensor], *extra: Any) -> tuple[Any, ...]:
+    """A cache key of ``tensors`` (and ``extra`` values): their identity and in-place versions,
+    so it stops matching when one is replaced or modified in place."""
+    return (*tensors, *(_version(t) for t in tensors), *extra)
+
+
+def _same_stamp(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two :func:`_stamp` keys match (tensors by identity, the rest by value)."""
+    return len(a) == len(b) and all(x is y if isinstance(x, Tensor) else x == y for x, y in zip(a, b))

@@ -217,22 +217,12 @@ def _grid_ends(centre: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     return centre - reach, centre + reach
 
 
-def _bin_position(
-    x: Tensor,
-    centre: Tensor,
-    inverse_scale: Tensor,
-    bins: int,
-    offset: float = 0.0,
-    buffers: tuple[Tensor, Tensor] | None = None,
-) -> Tensor:
+def _bin_position(x: Tensor, centre: Tensor, inverse_scale: Tensor, bins: int, offset: float = 0.0) -> Tensor:
     """Continuous position of ``x`` on the grid: ``offset`` at the first edge, ``bins - 2 + offset``
-    at the last (``centre`` and ``inverse_scale`` broadcast against ``x``). Five elementwise
-    passes, into two new tensors or into ``buffers`` (each shaped like ``x``; the result is the
-    second)."""
+    at the last (``centre`` and ``inverse_scale`` broadcast against ``x``)."""
     half = (bins - 2) / 2
-    u_out, result_out = buffers if buffers is not None else (None, None)
-    u = torch.sub(x, centre, out=u_out).mul_(inverse_scale)  # u = (x - centre) / scale
-    t_denominator = torch.abs(u, out=result_out).add_(1.0)  # 1 + |u|
+    u = torch.sub(x, centre).mul_(inverse_scale)  # u = (x - centre) / scale
+    t_denominator = torch.abs(u).add_(1.0)  # 1 + |u|
     base = torch.tensor(half + offset, dtype=u.dtype, device=u.device)
     return torch.addcdiv(base, u, t_denominator, value=half / _REACH, out=t_denominator)
 
@@ -251,30 +241,17 @@ def histogram_add(hist: Tensor, centre: Tensor, scale: Tensor, x: Tensor) -> Non
 
     Bin positions are computed in ``x``'s dtype (float64 or float32; others go through
     float32): in float32 a value within a few rounding steps of an edge may land in the
-    neighbouring bin, no more than the rounding already in ``x``. Rows go through in chunks,
-    transposed to ``[D, rows]`` so that each column's counts are added in one contiguous
-    run (a flat scatter over ``[n, D]`` order cost ~5x more on CPU).
+    neighbouring bin, no more than the rounding already in ``x``. One group of
+    :func:`histogram_add_by_group` (rows in chunks transposed to ``[D, rows]``, so that each
+    column's counts are added in one contiguous run; a flat scatter over ``[n, D]`` order cost
+    ~5x more on CPU).
     """
-    d, b = hist.shape
     n = x.shape[0]
     if not n:
         return
-    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    centre_col = centre.to(dtype).reshape(d, 1)
-    inverse_col = scale.reciprocal().to(dtype).reshape(d, 1)
-    rows = min(n, _chunk_rows(d, x.device))
-    u_buffer = torch.empty(d, rows, dtype=dtype, device=x.device)
-    position_buffer = torch.empty_like(u_buffer)
-    index_buffer = torch.empty(d, rows, dtype=torch.int64, device=x.device)
-    ones = torch.ones((), dtype=hist.dtype, device=hist.device)
-    for start in range(0, n, rows):
-        chunk = x[start : start + rows].mT.to(dtype)
-        m = chunk.shape[1]
-        buffers = (u_buffer[:, :m], position_buffer[:, :m])
-        pos = _bin_position(chunk, centre_col, inverse_col, b, offset=1.0, buffers=buffers).clamp_(0, b - 1)
-        index = index_buffer[:, :m]
-        index.copy_(pos)  # truncation = floor (pos >= 0)
-        hist.scatter_add_(1, index, ones.expand(d, m))
+    grids = GroupGrids.of(centre[None], scale[None], x.dtype, hist.shape[1])
+    group = torch.zeros(n, dtype=torch.long, device=x.device)
+    histogram_add_by_group(hist, grids, x, [n], group, group[None], group_hists=[hist])
 
 
 def binning_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -24,11 +24,10 @@ import pytest
 import torch
 
 from reference import reference_mir
-from vlm_factory import IMAGE_TOKEN_ID, PAD_ID, make_tiny_config
+from vlm_factory import IMAGE_TOKEN_ID, PAD_ID, hf_llava_splices, make_tiny_config
 
 tf = pytest.importorskip("transformers")
-if not hasattr(tf.LlavaForConditionalGeneration, "_merge_input_ids_with_image_features") or hasattr(
-        tf.LlavaConfig(), "image_seq_length"):
+if not hf_llava_splices():
     pytest.skip(f"transformers {tf.__version__}: HF LLaVA expects expanded image tokens", allow_module_level=True)
 
 from mir_lightning import MIRProbe, paper_probe  # noqa: E402

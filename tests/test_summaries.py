@@ -77,7 +77,8 @@ def test_histogram_counts_match_numpy_binning(chunk_rows, monkeypatch):
 @pytest.mark.parametrize("chunk_rows", [None, 97])
 def test_grouped_histogram_counts_each_group_as_histogram_add_does(fixed, chunk_rows, monkeypatch):
     """Both routes of histogram_add_by_group (gathered grids on accelerators, per group on CPU),
-    in one chunk or many, count each group's rows exactly as histogram_add counts them alone."""
+    in one chunk or many, count each group's rows exactly as histogram_add counts them alone
+    (one group; checked against numpy's binning above): no row reaches another group's bins."""
     monkeypatch.setattr(summaries, "fixed_shapes", lambda device: fixed)
     if chunk_rows is not None:
         monkeypatch.setattr(summaries, "_chunk_rows", lambda columns, device: chunk_rows)

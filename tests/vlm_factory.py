@@ -182,6 +182,15 @@ _MODEL_CLASSES = {
 }
 
 
+def hf_llava_splices() -> bool:
+    """Whether the installed transformers' HF LLaVA splices one ``<image>`` token per image into
+    its features (before 4.44) rather than expecting expanded image tokens."""
+    import transformers as tf
+
+    return hasattr(tf.LlavaForConditionalGeneration, "_merge_input_ids_with_image_features") and not hasattr(
+        tf.LlavaConfig(), "image_seq_length")
+
+
 def model_class(family: str) -> type:
     """The ``...ForConditionalGeneration`` class of ``family``; the calling test is skipped when
     the installed transformers has no such class (older versions, e.g. 4.37 has LLaVA only)."""
@@ -192,8 +201,7 @@ def model_class(family: str) -> type:
     cls = getattr(tf, name, None)
     if cls is None:
         pytest.skip(f"transformers {tf.__version__} has no {name}")
-    if family == "llava" and hasattr(cls, "_merge_input_ids_with_image_features") and not hasattr(
-            tf.LlavaConfig(), "image_seq_length"):
+    if family == "llava" and hf_llava_splices():
         # before 4.44 the HF LLaVA forward splices one <image> token into the image features
         # (the original LLaVA's layout, tested in tests/test_llava_codebase.py and
         # tests/test_hf_llava_splice.py): rows with an expanded image span do not fit it
