@@ -29,6 +29,8 @@ from mir_lightning.summaries import (
     MedianSketch,
     ModalitySummary,
     binning_dtype,
+    gram_panels,
+    gram_upper_add_,
     histogram_add,
     histogram_add_by_group,
     histogram_grid,
@@ -216,7 +218,8 @@ class ModalityIntegrationRate(Metric):
         also ``[..., end, ...]``, end 0 the largest norms, 1 the smallest), so that one kernel
         updates both modalities and both ends; :meth:`modality_state` gives one modality's typed
         views. Per layer and modality: ``count``, ``nonfinite``; co-moments ``mean [D]``,
-        ``m2 [D, D]``; norm moments ``norm_mean [1]``, ``norm_m2 [1, 1]``; tails (rows, norms,
+        ``m2 [D, D]`` (its upper triangle, diagonal included: the CPU accumulates only that, see
+        :func:`~mir_lightning.summaries.gram_upper_add_`); norm moments ``norm_mean [1]``, ``norm_m2 [1, 1]``; tails (rows, norms,
         most extreme dropped norm) with ``K + 1`` slots per end (the last one a scratch slot that
         fixed-shape updates write unused rows into, never read); median sketches ``med_*``
         (values) and ``nrm_*`` (norms): exact rows, grid centre and scale. ``fill=None``: row
@@ -515,9 +518,10 @@ class ModalityIntegrationRate(Metric):
         ``rows`` in place."""
         batch_means = torch.mm(batch.mean_weights, rows)  # [2, D]
         rows.addmm_(batch.membership, batch_means, alpha=-1.0)  # each row minus its modality's batch mean
+        panels = gram_panels(rows.shape[1], rows.device)
         for m2, part, n in zip(views.m2s, rows.split(batch.counts), batch.counts):
             if n:
-                m2.addmm_(part.mT, part)
+                gram_upper_add_(m2, part, panels)  # the upper triangle; read through symmetric_from_upper
         steps, cross = self._chan_weights(seen, batch)
         delta = batch_means - views.mean
         for m2, d, alpha in zip(views.m2s, delta.unbind(0), cross):
@@ -790,7 +794,7 @@ class ModalityIntegrationRate(Metric):
                 self._sketch_merge(i, "med", k, here.count, other.values)
                 self._sketch_merge(i, "nrm", k, here.count, other.norms)
                 here.mean.copy_(mean)
-                here.m2.copy_(m2)
+                self.m2[k, i].copy_(m2)  # here.m2 is a symmetric copy
                 here.norm_mean.copy_(norm_mean)
                 here.norm_m2.copy_(norm_m2)
                 self.count[k, i] = count

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from mir_lightning.summaries import MedianSketch, ModalitySummary, Tail
+from mir_lightning.summaries import MedianSketch, ModalitySummary, Tail, symmetric_from_upper
 
 if TYPE_CHECKING:
     from mir_lightning.metric import ModalityIntegrationRate
@@ -74,7 +74,8 @@ class ModalityState:
     """One modality's state over layers, as views (no copies) into the registered tensors.
 
     ``count``, ``nonfinite``: ``[L]`` int64 (tokens folded, tokens skipped as non-finite);
-    ``mean [L, D]``, ``m2 [L, D, D]`` (centred co-moments), ``norm_mean [L, 1]``,
+    ``mean [L, D]``, ``m2 [L, D, D]`` (centred co-moments: the upper triangle, diagonal
+    included; below it a scratch area, see :meth:`summary`), ``norm_mean [L, 1]``,
     ``norm_m2 [L, 1, 1]`` (float64, of the token norms); ``high`` / ``low``: the tails;
     ``values`` / ``norms``: the median sketches of the tokens and of their norms."""
 
@@ -125,9 +126,10 @@ class ModalityState:
         return value
 
     def summary(self, k: int, count: int) -> ModalitySummary:
-        """Layer ``k``'s :class:`~mir_lightning.summaries.ModalitySummary` (views) of ``count`` tokens."""
+        """Layer ``k``'s :class:`~mir_lightning.summaries.ModalitySummary` of ``count`` tokens: views,
+        except ``m2``, made symmetric from the state's upper triangle (a new ``[D, D]``)."""
         return ModalitySummary(
-            count=count, mean=self.mean[k], m2=self.m2[k], norm_mean=self.norm_mean[k], norm_m2=self.norm_m2[k],
+            count=count, mean=self.mean[k], m2=symmetric_from_upper(self.m2[k]), norm_mean=self.norm_mean[k], norm_m2=self.norm_m2[k],
             high=self.high.at(k), low=self.low.at(k), values=self.values.at(k, count), norms=self.norms.at(k, count),
             nonfinite=int(self.nonfinite[k]),
         )
